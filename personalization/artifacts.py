@@ -1,0 +1,146 @@
+"""The artifact folder: exactly what is pushed to the Hub, loadable with plain diffusers (see hub-format.md).
+
+This module owns the file names and the atomic write of the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+EMBEDDINGS_FILE = "learned_embeds.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+UNET_DIR = "unet"
+TEXT_ENCODER_DIR = "text_encoder"
+CONFIG_FILE = "training_config.json"
+SUMMARY_FILE = "training_summary.json"
+SAMPLES_DIR = "samples"
+CARD_FILE = "README.md"
+
+
+class ArtifactError(ValueError):
+    """The folder is not an artifact this engine (or plain diffusers) can load."""
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What a folder holds and how to use it, read from its training_config.json and its files."""
+
+    folder: Path
+    base_model: str
+    method: str
+    trigger_token: str
+    class_noun: str
+    instance_prompt: str
+    has_embeddings: bool
+    has_lora: bool
+    has_unet: bool
+    has_text_encoder: bool
+    config: dict[str, Any]
+
+    @property
+    def sample_files(self) -> list[Path]:
+        folder = self.folder / SAMPLES_DIR
+        return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+def save_embedding(folder: Path, trigger_token: str, vector: torch.Tensor) -> Path:
+    """Write ``learned_embeds.safetensors`` with one key, the trigger, so ``load_textual_inversion(dir)`` needs no
+    ``token=`` argument. The vector is stored as float32 [num_vectors, hidden]."""
+    tensor = vector.detach().to("cpu", torch.float32).reshape(-1, vector.shape[-1]).contiguous()
+    path = folder / EMBEDDINGS_FILE
+    save_file({trigger_token: tensor}, str(path))
+    return path
+
+
+def load_embedding(folder: Path) -> tuple[str, torch.Tensor]:
+    tensors = load_file(str(Path(folder) / EMBEDDINGS_FILE))
+    if len(tensors) != 1:
+        raise ArtifactError(f"{EMBEDDINGS_FILE} must hold exactly one trigger, found {len(tensors)}")
+    (token, vector), = tensors.items()
+    return token, vector
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_artifact(folder: Path | str) -> ArtifactInfo:
+    """Describe an artifact folder or raise :class:`ArtifactError` naming what is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such artifact folder")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise ArtifactError(f"{folder.name}: no {CONFIG_FILE}; is this a folder written by this engine?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{folder.name}/{CONFIG_FILE} is not valid JSON ({error})") from None
+    has_embeddings = (folder / EMBEDDINGS_FILE).is_file()
+    has_lora = (folder / LORA_FILE).is_file()
+    has_unet = (folder / UNET_DIR / "config.json").is_file()
+    has_text_encoder = (folder / TEXT_ENCODER_DIR / "config.json").is_file()
+    if not (has_embeddings or has_lora or has_unet or has_text_encoder):
+        raise ArtifactError(f"{folder.name}: holds no weights ({EMBEDDINGS_FILE}, {LORA_FILE} or {UNET_DIR}/)")
+    trigger = str(config.get("trigger_token") or "")
+    noun = str(config.get("class_noun") or "")
+    if config.get("subject_type") == "style":
+        instance_prompt = f"a painting in {trigger} {noun}"
+    else:
+        instance_prompt = f"a photo of a {trigger} {noun}"
+    return ArtifactInfo(
+        folder=folder,
+        base_model=str(config.get("base_model") or ""),
+        method=str(config.get("method") or ""),
+        trigger_token=trigger,
+        class_noun=noun,
+        instance_prompt=instance_prompt,
+        has_embeddings=has_embeddings,
+        has_lora=has_lora,
+        has_unet=has_unet,
+        has_text_encoder=has_text_encoder,
+        config=config,
+    )
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any training, to replace an existing non-empty folder unless asked to."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ArtifactError(f"{output_dir}: exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ArtifactError(f"{output_dir}: folder exists and is not empty (choose another --out or --overwrite)")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``output_dir``; on success it replaces ``output_dir`` in one rename.
+
+    A crash or cancel removes the temporary folder and leaves ``output_dir`` as it was.
+    """
+    output_dir = Path(output_dir)
+    prepare_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        yield staging
+        replaced = None
+        if output_dir.exists():
+            replaced = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            os.replace(output_dir, replaced)
+        os.replace(staging, output_dir)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

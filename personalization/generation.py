@@ -1,0 +1,192 @@
+"""Generation: one cached base pipeline, personalized by applying an artifact folder with plain diffusers loaders.
+
+Applying an artifact uses exactly the calls a user of the Hub repo makes (``load_textual_inversion(dir)``,
+``load_lora_weights(dir)``, the ``unet/`` swap), so what the app shows is what people get. Swapping artifacts
+unloads the previous parts instead of reloading the base.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextModel
+
+from . import artifacts
+from .artifacts import ArtifactError, ArtifactInfo
+from .device import default_base_model, resolve_base_model_path
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance_scale: float = 5.0
+    lora_scale: float = 1.0
+    num_images: int = 1
+    resolution: int | None = None
+
+    def validate(self) -> GenerationRequest:
+        if not self.prompt or not self.prompt.strip():
+            raise ValueError("prompt is empty")
+        if not 1 <= self.steps <= 200:
+            raise ValueError(f"steps must be between 1 and 200, got {self.steps}")
+        if not 0 <= self.guidance_scale <= 50:
+            raise ValueError(f"guidance_scale must be between 0 and 50, got {self.guidance_scale}")
+        if not 0 <= self.lora_scale <= 2:
+            raise ValueError(f"lora_scale must be between 0 and 2, got {self.lora_scale}")
+        if not 1 <= self.num_images <= 8:
+            raise ValueError(f"num_images must be between 1 and 8, got {self.num_images}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be between 0 and 2^63, got {self.seed}")
+        return self
+
+
+def generation_placement() -> tuple[torch.device, torch.dtype]:
+    """fp16 on GPUs (inference needs no master weights), fp32 on CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def load_base_pipeline(base_model: str, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
+    path = resolve_base_model_path(base_model)
+    pipeline = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+class Generator:
+    """Keeps one base pipeline in memory and applies at most one artifact to it at a time. Thread-safe."""
+
+    def __init__(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        default_device, default_dtype = generation_placement()
+        self.device = device or default_device
+        self.dtype = dtype or default_dtype
+        self.base_model: str | None = None
+        self.pipeline: StableDiffusionPipeline | None = None
+        self.applied: ArtifactInfo | None = None
+        self._base_unet: UNet2DConditionModel | None = None
+        self._base_text_encoder: CLIPTextModel | None = None
+        self._lock = threading.RLock()
+        self.base_loads = 0
+
+    # ---- the base ------------------------------------------------------------------------------------------------
+    def use_base(self, base_model: str | None = None) -> StableDiffusionPipeline:
+        """The pipeline for ``base_model`` (default: the machine's default), loading it only if it changed."""
+        base_model = base_model or default_base_model()
+        with self._lock:
+            if self.pipeline is None or base_model != self.base_model:
+                self.remove_artifact()
+                self.pipeline = None  # free the old base before loading the new one
+                self.pipeline = load_base_pipeline(base_model, self.device, self.dtype)
+                self.base_model = base_model
+                self.base_loads += 1
+            return self.pipeline
+
+    # ---- artifacts ---------------------------------------------------------------------------------------------------
+    def apply(self, folder: Path | str, base_model: str | None = None) -> ArtifactInfo:
+        """Personalize with an artifact folder; ``base_model`` overrides the one recorded (needed for local bases)."""
+        info = artifacts.read_artifact(folder)
+        base = base_model or info.base_model
+        if not base or base.startswith("local:"):
+            raise ArtifactError(
+                f"{Path(folder).name} was trained on a local base model ({info.base_model or 'unknown'}); "
+                "give that base model's folder"
+            )
+        with self._lock:
+            pipeline = self.use_base(base)
+            self.remove_artifact()
+            try:
+                if info.has_unet:
+                    self._base_unet = pipeline.unet
+                    pipeline.unet = UNet2DConditionModel.from_pretrained(
+                        info.folder, subfolder=artifacts.UNET_DIR, torch_dtype=self.dtype).to(self.device)
+                if info.has_text_encoder:
+                    self._base_text_encoder = pipeline.text_encoder
+                    pipeline.text_encoder = CLIPTextModel.from_pretrained(
+                        info.folder, subfolder=artifacts.TEXT_ENCODER_DIR, torch_dtype=self.dtype).to(self.device)
+                self.applied = info
+                if info.has_embeddings:
+                    pipeline.load_textual_inversion(str(info.folder))
+                if info.has_lora:
+                    pipeline.load_lora_weights(str(info.folder))
+            except Exception:
+                self.remove_artifact()
+                raise
+            return info
+
+    def remove_artifact(self) -> None:
+        """Back to the plain base model, without reloading it."""
+        with self._lock:
+            pipeline, info = self.pipeline, self.applied
+            if pipeline is None:
+                return
+            if info is not None and info.has_lora:
+                pipeline.unload_lora_weights()
+            if info is not None and info.has_embeddings and info.trigger_token in pipeline.tokenizer.get_vocab():
+                pipeline.unload_textual_inversion(info.trigger_token)
+            if self._base_unet is not None:
+                pipeline.unet = self._base_unet
+                self._base_unet = None
+            if self._base_text_encoder is not None:
+                pipeline.text_encoder = self._base_text_encoder
+                self._base_text_encoder = None
+            self.applied = None
+
+    # ---- images ------------------------------------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest, personalized: bool = True) -> list[Image.Image]:
+        """Images for ``request``; ``personalized=False`` renders the same seed with the plain base model."""
+        request.validate()
+        with self._lock:
+            pipeline = self.pipeline if self.pipeline is not None else self.use_base()
+            info = self.applied
+            kwargs = {}
+            if request.resolution:
+                kwargs = {"height": request.resolution, "width": request.resolution}
+            if info is not None and info.has_lora and personalized:
+                kwargs["cross_attention_kwargs"] = {"scale": request.lora_scale}
+            with _base_view(self, pipeline, enabled=info is not None and not personalized):
+                generator = torch.Generator("cpu").manual_seed(request.seed)
+                return pipeline(
+                    request.prompt, negative_prompt=request.negative_prompt or None,
+                    num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                    num_images_per_prompt=request.num_images, generator=generator, **kwargs,
+                ).images
+
+
+class _base_view:
+    """Temporarily shows the base model: LoRA disabled, base U-Net / text encoder swapped back in."""
+
+    def __init__(self, owner: Generator, pipeline: StableDiffusionPipeline, enabled: bool) -> None:
+        self.owner, self.pipeline, self.enabled = owner, pipeline, enabled
+        self.swapped: dict[str, torch.nn.Module] = {}
+
+    def __enter__(self) -> None:
+        if not self.enabled:
+            return
+        info = self.owner.applied
+        if info is not None and info.has_lora:
+            self.pipeline.disable_lora()
+        if self.owner._base_unet is not None:
+            self.swapped["unet"] = self.pipeline.unet
+            self.pipeline.unet = self.owner._base_unet
+        if self.owner._base_text_encoder is not None:
+            self.swapped["text_encoder"] = self.pipeline.text_encoder
+            self.pipeline.text_encoder = self.owner._base_text_encoder
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
+        for name, module in self.swapped.items():
+            setattr(self.pipeline, name, module)
+        info = self.owner.applied
+        if info is not None and info.has_lora:
+            self.pipeline.enable_lora()

@@ -1,0 +1,153 @@
+"""The model card (README.md of an artifact folder), built with huggingface_hub's ModelCard, never by hand-made YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from . import artifacts
+from .config import TrainingConfig
+from .device import BUNDLED_MINI_MODEL, SD15_HUB_ID
+
+METHOD_TAGS = {
+    "two_stage": "two-stage-personalization",
+    "textual_inversion": "textual-inversion",
+    "dreambooth": "dreambooth",
+    "dreambooth_lora": "dreambooth",
+}
+METHOD_NAMES = {
+    "two_stage": "two-stage personalization (Zeng, Suganuma, Okatani 2024): textual inversion of a rare adjective, "
+    "then U-Net fine-tuning with the text encoder and the embedding frozen, without prior preservation",
+    "textual_inversion": "Textual Inversion (Gal et al. 2022)",
+    "dreambooth": "DreamBooth (Ruiz et al. 2023), full U-Net fine-tuning",
+    "dreambooth_lora": "DreamBooth with LoRA on the U-Net",
+}
+LICENSES = {SD15_HUB_ID: "creativeml-openrail-m"}
+
+
+def is_hub_id(base_model: str) -> bool:
+    return base_model.count("/") == 1 and not base_model.startswith(("local:", "bundled:", "/", "."))
+
+
+def diffusers_snippet(config: TrainingConfig, repo_id: str, base_for_code: str) -> str:
+    """Python that loads this repo with plain diffusers calls, one per part, and generates one image."""
+    lines = [
+        "import torch",
+        "from diffusers import StableDiffusionPipeline" + (", UNet2DConditionModel" if _full_unet(config) else ""),
+        "",
+        'device = "cuda" if torch.cuda.is_available() else "cpu"',
+        'dtype = torch.float16 if device == "cuda" else torch.float32',
+    ]
+    if _full_unet(config):
+        lines.append(f'unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet", torch_dtype=dtype)')
+        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base_for_code}", unet=unet, torch_dtype=dtype)')
+    else:
+        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base_for_code}", torch_dtype=dtype)')
+    if config.method == "dreambooth" and config.train_text_encoder:
+        lines.insert(2, "from transformers import CLIPTextModel")
+        lines.append(f'pipe.text_encoder = CLIPTextModel.from_pretrained("{repo_id}", subfolder="text_encoder",'
+                     " torch_dtype=dtype)")
+    lines.append("pipe = pipe.to(device)")
+    if config.learns_token:
+        lines.append(f'pipe.load_textual_inversion("{repo_id}")')
+    if config.uses_lora:
+        lines.append(f'pipe.load_lora_weights("{repo_id}")')
+    lines.append(f'image = pipe("{config.instance_prompt()} on the beach", num_inference_steps=25,'
+                 f" guidance_scale={config.guidance_scale:g}).images[0]")
+    lines.append('image.save("sample.png")')
+    return "\n".join(lines)
+
+
+def _full_unet(config: TrainingConfig) -> bool:
+    return config.trains_unet and not config.uses_lora
+
+
+def build_model_card(
+    config: TrainingConfig, summary: dict[str, Any], sample_names: list[str], repo_id: str = "YOUR_NAME/THIS_REPO"
+) -> ModelCard:
+    """The card for an artifact folder; ``config.base_model`` must already be portable (no local paths)."""
+    base = config.base_model or ""
+    hub_base = base if is_hub_id(base) else None
+    tags = ["text-to-image", "diffusers", "stable-diffusion", "template:sd-lora", METHOD_TAGS[config.method],
+            "personalization"]
+    if config.uses_lora:
+        tags.insert(3, "lora")
+    if config.learns_token:
+        tags.insert(3, "textual_inversion")
+    widget = [{"text": _sample_prompt(config, index), "output": {"url": f"{artifacts.SAMPLES_DIR}/{name}"}}
+              for index, name in enumerate(sample_names)]
+    data = ModelCardData(
+        base_model=hub_base,
+        base_model_relation="adapter" if hub_base and (config.uses_lora or not config.trains_unet) else
+        ("finetune" if hub_base else None),
+        library_name="diffusers",
+        license=LICENSES.get(base, "creativeml-openrail-m" if base == BUNDLED_MINI_MODEL else None),
+        tags=tags,
+        instance_prompt=config.instance_prompt(),
+        widget=widget or None,
+    )
+    stages = "\n".join(f"| {s['name']} | {s['steps']} | {s['seconds']:.1f} s | {s['final_loss']} |"
+                       for s in summary.get("stages", []))
+    if hub_base:
+        base_text = f"[{hub_base}](https://huggingface.co/{hub_base})"
+        base_for_code = hub_base
+    elif base == BUNDLED_MINI_MODEL:
+        base_text = "the mini shapes model bundled with the personalization engine"
+        base_for_code = "PATH/TO/personalization/assets/mini_model"
+    else:
+        base_text = f"a local base model ({base})"
+        base_for_code = "PATH/TO/BASE_MODEL"
+    samples = "\n".join(f"![sample {i}]({artifacts.SAMPLES_DIR}/{name})" for i, name in enumerate(sample_names))
+    body = f"""
+# {config.trigger_token} {config.class_noun}
+
+A personalized text-to-image model: it knows one specific **{config.class_noun}**, called up with the trigger
+`{config.trigger_token}` used as an adjective: **`{config.instance_prompt()}`**.
+
+- Method: {METHOD_NAMES[config.method]}{f" (stage 2: {config.stage2_mode})" if config.method == "two_stage" else ""}
+- Base model: {base_text}
+- Resolution: {config.resolution} px, seed {config.seed}
+- Trained on: {summary.get("hardware", "unknown hardware")}, {summary.get("seconds_training", 0):.0f} s of training
+
+| stage | steps | time | final loss |
+|---|---|---|---|
+{stages}
+
+## Use it with diffusers
+
+```python
+{diffusers_snippet(config, repo_id, base_for_code)}
+```
+
+## Samples
+
+{samples or "(no samples were rendered)"}
+
+## License
+
+This model inherits the license of its base model
+({data.license or "see the base model's card"}); use it according to that license's restrictions.
+"""
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body)
+
+
+def _sample_prompt(config: TrainingConfig, index: int) -> str:
+    prompts = config.sample_prompts()
+    return prompts[index % len(prompts)]
+
+
+def write_model_card(folder: Path, config: TrainingConfig, summary: dict[str, Any], sample_names: list[str],
+                     repo_id: str = "YOUR_NAME/THIS_REPO") -> Path:
+    path = folder / artifacts.CARD_FILE
+    build_model_card(config, summary, sample_names, repo_id).save(str(path))
+    return path
+
+
+def set_repo_id(folder: Path, repo_id: str) -> Path:
+    """Rewrite the card's snippet for the repo it is pushed to (the placeholder becomes the real id)."""
+    path = folder / artifacts.CARD_FILE
+    text = path.read_text(encoding="utf-8").replace("YOUR_NAME/THIS_REPO", repo_id)
+    path.write_text(text, encoding="utf-8")
+    return path

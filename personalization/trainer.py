@@ -1,0 +1,554 @@
+"""The one training loop. Recipes (:mod:`personalization.recipes`) say what each stage trains; this module runs them.
+
+Read top to bottom: load the base model, add the trigger, cache what never changes (VAE latents of the subject
+images and their flips, prompt conditionings when the text side is frozen, class images for prior preservation),
+run the stages, then write the artifact folder in one atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from . import artifacts
+from .config import TrainingConfig
+from .device import Placement, choose_placement, default_base_model, portable_base_model, resolve_base_model_path
+from .images import SubjectImages, load_subject_images, to_tensor_batch
+from .progress import CancelFlag, ProgressCallback, ProgressEvent
+from .recipes import Recipe, StagePlan, recipe_for
+from .tokens import TriggerError, add_trigger_token, check_trigger
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Components:
+    """The parts of a Stable-Diffusion pipeline that training touches."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    sampling_scheduler: SchedulerMixin
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+@dataclass
+class StageSummary:
+    name: str
+    steps: int
+    seconds: float
+    final_loss: float | None
+    mean_step_ms: float
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    config: TrainingConfig
+    stages: list[StageSummary]
+    seconds_total: float
+    seconds_training: float
+    hardware: str
+    sample_files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def default_resolution(base_model_path: str) -> int:
+    """The base model's native resolution, read from its configs (no weights are loaded)."""
+    unet_config = UNet2DConditionModel.load_config(base_model_path, subfolder="unet")
+    vae_config = AutoencoderKL.load_config(base_model_path, subfolder="vae")
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def load_components(base_model_path: str, placement: Placement) -> Components:
+    """Load the base model's parts in fp32 (master weights; autocast does the low-precision compute)."""
+    tokenizer = CLIPTokenizer.from_pretrained(base_model_path, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base_model_path, subfolder="text_encoder", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(base_model_path, subfolder="vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(base_model_path, subfolder="unet", torch_dtype=torch.float32)
+    noise_scheduler = DDPMScheduler.from_pretrained(base_model_path, subfolder="scheduler")
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(placement.device)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, load_sampling_scheduler(base_model_path))
+
+
+def load_sampling_scheduler(base_model_path: str) -> SchedulerMixin:
+    """The sampler the base pipeline ships with, so samples look like what plain diffusers users will get."""
+    index = StableDiffusionPipeline.load_config(base_model_path)
+    _library, class_name = index.get("scheduler", ["diffusers", "DDIMScheduler"])
+    scheduler_class = getattr(diffusers, class_name, DDIMScheduler)
+    return scheduler_class.from_pretrained(base_model_path, subfolder="scheduler")
+
+
+def sampling_pipeline(components: Components) -> StableDiffusionPipeline:
+    """A pipeline around the in-memory modules (no copy), with the base model's own sampler."""
+    scheduler = components.sampling_scheduler.__class__.from_config(components.sampling_scheduler.config)
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# ---- caches --------------------------------------------------------------------------------------------------------
+@dataclass
+class LatentCache:
+    """VAE posterior of each training image (mean and std), sampled afresh each step like the uncached recipe."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.mean[indices], self.std[indices]
+        noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean.device, mean.dtype)
+        return mean + std * noise
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: Sequence[Image.Image], device: torch.device) -> LatentCache:
+    pixels = torch.from_numpy(to_tensor_batch(images)).to(device)
+    means, stds = [], []
+    for chunk in pixels.split(8):
+        posterior = vae.encode(chunk).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    scale = vae.config.scaling_factor
+    return LatentCache(torch.cat(means) * scale, torch.cat(stds) * scale)
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
+def class_image_cache_dir(base_model: str, class_prompt: str, count: int, resolution: int, seed: int) -> Path:
+    key = json.dumps([base_model, class_prompt, count, resolution, seed])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("PERSONALIZATION_CACHE", Path.home() / ".cache" / "personalization"))
+    return root / "class_images" / digest
+
+
+def generate_class_images(
+    components: Components, config: TrainingConfig, base_model: str, resolution: int, cancel: CancelFlag,
+    report: ProgressCallback | None, started: float,
+) -> list[Image.Image]:
+    """Prior-preservation images from the untouched base model, cached on disk so a second run reuses them."""
+    folder = class_image_cache_dir(base_model, config.class_prompt or "", config.class_images, resolution, config.seed)
+    existing = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if len(existing) >= config.class_images:
+        return [Image.open(path).convert("RGB") for path in existing[: config.class_images]]
+    pipeline = sampling_pipeline(components)
+    images: list[Image.Image] = []
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    batch = 4
+    while len(images) < config.class_images:
+        cancel.raise_if_cancelled()
+        count = min(batch, config.class_images - len(images))
+        images += pipeline(
+            [config.class_prompt] * count, height=resolution, width=resolution, num_inference_steps=config.sample_steps,
+            guidance_scale=config.guidance_scale, generator=generator,
+        ).images
+        if report:
+            report(ProgressEvent("class images", 0, 0, len(images), config.class_images, None,
+                                 time.perf_counter() - started, None, "generating prior-preservation images"))
+    staging = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(staging / f"{index:04d}.png")
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    return images
+
+
+# ---- the loss --------------------------------------------------------------------------------------------------
+def diffusion_loss(
+    unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, conditioning: torch.Tensor,
+    generator: torch.Generator, snr_gamma: float | None,
+) -> torch.Tensor:
+    """Per-sample denoising loss (epsilon or v target, as the base model was trained), min-SNR weighted."""
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device="cpu").to(latents.device, latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, conditioning).sample.float()
+    prediction_type = scheduler.config.prediction_type
+    target = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
+    per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
+        snr = alphas / (1.0 - alphas).clamp(min=1e-8)
+        clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+        weights = clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr.clamp(min=1e-8)
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+# ---- one stage ---------------------------------------------------------------------------------------------------
+class _EmbeddingRowGuard:
+    """Keeps every embedding row but the trigger's bit-identical.
+
+    Masking gradients is not enough: AdamW's decoupled weight decay still shrinks rows with zero gradient, so the
+    frozen rows are restored from a copy after each optimizer step.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding, trainable_id: int) -> None:
+        self.weight = embedding.weight
+        self.original = embedding.weight.detach().clone()
+        self.keep = torch.ones(self.weight.shape[0], dtype=torch.bool, device=self.weight.device)
+        self.keep[trainable_id] = False
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self.weight[self.keep] = self.original[self.keep]
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, config: TrainingConfig,
+                    placement: Placement) -> torch.optim.Optimizer:
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RuntimeError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes==0.50.2") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    fused = placement.device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def _add_unet_lora(unet: UNet2DConditionModel, config: TrainingConfig) -> None:
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                                init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+
+
+@dataclass
+class _StageContext:
+    components: Components
+    config: TrainingConfig
+    placement: Placement
+    accelerator: Accelerator
+    subject_latents: LatentCache
+    flip_offset: int | None  # index offset of the flipped copies in subject_latents, None without flips
+    class_latents: LatentCache | None
+    trigger_id: int | None
+    cancel: CancelFlag
+    report: ProgressCallback | None
+    started: float
+    steps_before: int
+    total_steps: int
+    preview_prompt: str
+
+
+def run_stage(stage: StagePlan, ctx: _StageContext) -> StageSummary:
+    """Train one stage: set what is trainable, cache what is constant, then step."""
+    comps, config, device = ctx.components, ctx.config, ctx.placement.device
+    generator = torch.Generator("cpu").manual_seed(config.seed + ctx.steps_before)
+    guard: _EmbeddingRowGuard | None = None
+
+    # What moves in this stage.
+    if stage.trainable == "embedding":
+        embedding = comps.text_encoder.get_input_embeddings()
+        embedding.weight.requires_grad_(True)
+        guard = _EmbeddingRowGuard(embedding, ctx.trigger_id if ctx.trigger_id is not None else -1)
+        params = [embedding.weight]
+    elif stage.trainable == "unet_lora":
+        _add_unet_lora(comps.unet, config)
+        params = [p for p in comps.unet.parameters() if p.requires_grad]
+    else:
+        comps.unet.requires_grad_(True)
+        params = list(comps.unet.parameters())
+    if stage.train_text_encoder:
+        comps.text_encoder.requires_grad_(True)
+        params += [p for p in comps.text_encoder.parameters() if p.requires_grad]
+    if config.gradient_checkpointing and stage.trainable != "embedding":
+        comps.unet.enable_gradient_checkpointing()
+    if stage.trainable != "embedding":
+        comps.unet.train()
+    optimizer = _make_optimizer(params, stage.learning_rate, stage.weight_decay, config, ctx.placement)
+    optimizer = ctx.accelerator.prepare_optimizer(optimizer)
+    # Data-parallel runs (accelerate launch) need the trainable modules wrapped so gradients are averaged; a single
+    # process keeps the plain modules, so what is saved is exactly what was trained.
+    unet, text_encoder = comps.unet, comps.text_encoder
+    if ctx.accelerator.num_processes > 1:
+        if stage.trainable != "embedding":
+            unet = ctx.accelerator.prepare_model(comps.unet)
+        if stage.trainable == "embedding" or stage.train_text_encoder:
+            text_encoder = ctx.accelerator.prepare_model(comps.text_encoder)
+
+    # What never changes in this stage.
+    prompt_ids = tokenize(comps.tokenizer, stage.prompts, device)
+    frozen_conditioning = None
+    if stage.text_frozen:
+        with torch.no_grad():
+            frozen_conditioning = comps.text_encoder(prompt_ids)[0]
+    class_conditioning = None
+    if stage.prior_preservation and ctx.class_latents is not None:
+        class_ids = tokenize(comps.tokenizer, [config.class_prompt or ""], device)
+        if stage.text_frozen:
+            with torch.no_grad():
+                class_conditioning = comps.text_encoder(class_ids)[0]
+
+    image_count = ctx.flip_offset if ctx.flip_offset is not None else len(ctx.subject_latents)
+    batch_size = min(config.max_batch_size, image_count)
+    order = torch.randperm(image_count, generator=generator)
+    cursor = 0
+    stage_started = time.perf_counter()
+    loss_value: float | None = None
+    trainable_modules = [m for m in (comps.unet, comps.text_encoder) if any(p.requires_grad for p in m.parameters())]
+
+    for step in range(1, stage.steps + 1):
+        ctx.cancel.raise_if_cancelled()
+        if cursor + batch_size > image_count:
+            order, cursor = torch.randperm(image_count, generator=generator), 0
+        indices = order[cursor: cursor + batch_size]
+        cursor += batch_size
+        if ctx.flip_offset is not None:
+            flips = torch.rand(batch_size, generator=generator) < 0.5
+            indices = torch.where(flips, indices + ctx.flip_offset, indices)
+        latents = ctx.subject_latents.sample(indices, generator)
+        prompt_index = torch.randint(0, len(stage.prompts), (batch_size,), generator=generator)
+
+        with ctx.accelerator.autocast():
+            if frozen_conditioning is not None:
+                conditioning = frozen_conditioning[prompt_index.to(device)]
+            else:
+                conditioning = text_encoder(prompt_ids[prompt_index.to(device)])[0]
+            loss = diffusion_loss(unet, comps.noise_scheduler, latents, conditioning, generator,
+                                  config.snr_gamma)
+            if ctx.class_latents is not None and stage.prior_preservation:
+                class_index = torch.randint(0, len(ctx.class_latents), (batch_size,), generator=generator)
+                class_latents = ctx.class_latents.sample(class_index, generator)
+                if class_conditioning is None:
+                    class_conditioning_step = text_encoder(class_ids.expand(batch_size, -1))[0]
+                else:
+                    class_conditioning_step = class_conditioning.expand(batch_size, -1, -1)
+                prior = diffusion_loss(unet, comps.noise_scheduler, class_latents, class_conditioning_step,
+                                       generator, config.snr_gamma)
+                loss = loss + config.prior_loss_weight * prior
+        ctx.accelerator.backward(loss)
+        if ctx.accelerator.sync_gradients and config.max_grad_norm:
+            ctx.accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if guard is not None:
+            guard.restore()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"{stage.name}: the loss became {loss_value} at step {step}; lower the learning rate "
+                f"({stage.learning_rate:g}) or use mixed_precision='no'"
+            )
+
+        if ctx.report is not None:
+            done = ctx.steps_before + step
+            elapsed = time.perf_counter() - ctx.started
+            stage_rate = (time.perf_counter() - stage_started) / step
+            eta = stage_rate * (ctx.total_steps - done)
+            preview = None
+            if config.preview_interval and (step % config.preview_interval == 0 or step == stage.steps):
+                preview = render_preview(comps, config, ctx.preview_prompt, trainable_modules)
+            ctx.report(ProgressEvent(stage.name, done, ctx.total_steps, step, stage.steps, loss_value, elapsed,
+                                     eta, preview=preview))
+
+    for module in trainable_modules:
+        module.requires_grad_(False)
+        module.eval()
+    if config.gradient_checkpointing and stage.trainable != "embedding":
+        comps.unet.disable_gradient_checkpointing()
+    seconds = time.perf_counter() - stage_started
+    return StageSummary(stage.name, stage.steps, seconds, loss_value, 1000 * seconds / max(stage.steps, 1))
+
+
+@torch.no_grad()
+def render_preview(comps: Components, config: TrainingConfig, prompt: str,
+                   trainable_modules: Sequence[torch.nn.Module]) -> Image.Image:
+    """One image with the model as it stands, same seed every time so previews are comparable."""
+    was_training = [module.training for module in trainable_modules]
+    for module in trainable_modules:
+        module.eval()
+    resolution = config.resolution or comps.unet.config.sample_size * comps.vae_scale_factor
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    image = sampling_pipeline(comps)(prompt, num_inference_steps=config.sample_steps, height=resolution,
+                                     width=resolution, guidance_scale=config.guidance_scale,
+                                     generator=generator).images[0]
+    for module, training in zip(trainable_modules, was_training, strict=True):
+        module.train(training)
+    return image
+
+
+# ---- the whole run -----------------------------------------------------------------------------------------------
+def train(
+    config: TrainingConfig,
+    subject_images: SubjectImages | Path | str | Sequence[Path | str],
+    output_dir: Path | str,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag | None = None,
+    overwrite: bool = False,
+    placement: Placement | None = None,
+) -> TrainingResult:
+    """Train ``config.method`` on the subject images and write the artifact folder ``output_dir``.
+
+    Inputs are validated before the model loads; nothing appears at ``output_dir`` unless the run completes.
+    """
+    from .model_card import write_model_card
+
+    started = time.perf_counter()
+    cancel = cancel or CancelFlag()
+    config = config.resolved()
+    base_model = config.base_model or default_base_model()
+    base_path = resolve_base_model_path(base_model)
+    output_dir = Path(output_dir)
+    artifacts.prepare_output_dir(output_dir, overwrite)
+    resolution = config.resolution or default_resolution(base_path)
+    if not isinstance(subject_images, SubjectImages):
+        subject_images = load_subject_images(subject_images, resolution, center_crop=config.center_crop)
+    else:
+        subject_images = SubjectImages([im.resize((resolution, resolution), Image.Resampling.LANCZOS)
+                                        if im.size != (resolution, resolution) else im
+                                        for im in subject_images.images], subject_images.names, subject_images.notes)
+    config = TrainingConfig.from_dict({**config.to_dict(), "base_model": base_model, "resolution": resolution})
+    recipe: Recipe = recipe_for(config)
+
+    placement = placement or choose_placement(config.mixed_precision)
+    torch.manual_seed(config.seed)
+    accelerator = Accelerator(mixed_precision=placement.mixed_precision, cpu=placement.device.type == "cpu")
+    if accelerator.num_processes > 1:
+        placement = Placement(accelerator.device, placement.mixed_precision)
+    comps = load_components(base_path, placement)
+
+    trigger_id = None
+    if recipe.learns_token:
+        trigger_id = add_trigger_token(comps.tokenizer, comps.text_encoder, config.trigger_token or "",
+                                       config.init_word or config.class_noun)
+    else:
+        identifier = check_trigger(comps.tokenizer, config.trigger_token or "", allow_existing_word=True)
+        if not identifier.ok:
+            raise TriggerError(f"identifier: {identifier.message}")
+
+    notes = list(subject_images.notes)
+    class_latents = None
+    if recipe.needs_class_images:
+        class_images = generate_class_images(comps, config, base_model, resolution, cancel, progress, started)
+        class_latents = encode_images(comps.vae, class_images, placement.device)
+    images = list(subject_images.images)
+    flip_offset = None
+    if config.flip:
+        images += [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in subject_images.images]
+        flip_offset = len(subject_images.images)
+    subject_latents = encode_images(comps.vae, images, placement.device)
+
+    summaries: list[StageSummary] = []
+    training_started = time.perf_counter()
+    steps_before = 0
+    for stage in recipe.stages:
+        ctx = _StageContext(comps, config, placement, accelerator, subject_latents, flip_offset, class_latents,
+                            trigger_id, cancel, progress, started, steps_before, recipe.total_steps,
+                            config.sample_prompts()[0])
+        summaries.append(run_stage(stage, ctx))
+        steps_before += stage.steps
+    training_seconds = time.perf_counter() - training_started
+    cancel.raise_if_cancelled()
+
+    result = TrainingResult(output_dir, config, summaries, 0.0, training_seconds, placement.describe(), notes=notes)
+    if not accelerator.is_main_process:
+        return result
+    with artifacts.atomic_output_dir(output_dir, overwrite=overwrite) as staging:
+        sample_names = _write_samples(comps, config, staging, cancel)
+        _write_weights(comps, config, recipe, trigger_id, staging)
+        saved = {**config.to_dict(), "base_model": portable_base_model(base_model)}
+        artifacts.write_json(staging / artifacts.CONFIG_FILE, saved)
+        result.seconds_total = time.perf_counter() - started
+        artifacts.write_json(staging / artifacts.SUMMARY_FILE, summary_dict(result))
+        write_model_card(staging, TrainingConfig.from_dict(saved), summary_dict(result), sample_names)
+    result.sample_files = [output_dir / artifacts.SAMPLES_DIR / name for name in sample_names]
+    return result
+
+
+def summary_dict(result: TrainingResult) -> dict[str, Any]:
+    """The run's facts for the card and the benchmarks: no paths, no secrets."""
+    return {
+        "hardware": result.hardware,
+        "seconds_training": round(result.seconds_training, 2),
+        "seconds_total": round(result.seconds_total, 2),
+        "stages": [
+            {"name": s.name, "steps": s.steps, "seconds": round(s.seconds, 2), "mean_step_ms": round(s.mean_step_ms, 2),
+             "final_loss": None if s.final_loss is None else round(s.final_loss, 5)}
+            for s in result.stages
+        ],
+    }
+
+
+def _write_samples(comps: Components, config: TrainingConfig, folder: Path, cancel: CancelFlag) -> list[str]:
+    if not config.sample_count:
+        return []
+    (folder / artifacts.SAMPLES_DIR).mkdir()
+    pipeline = sampling_pipeline(comps)
+    prompts = config.sample_prompts()
+    names = []
+    for index in range(config.sample_count):
+        cancel.raise_if_cancelled()
+        generator = torch.Generator("cpu").manual_seed(config.seed + index)
+        resolution = config.resolution or 512
+        with torch.no_grad():
+            image = pipeline(prompts[index % len(prompts)], num_inference_steps=config.sample_steps,
+                             guidance_scale=config.guidance_scale, height=resolution, width=resolution,
+                             generator=generator).images[0]
+        name = f"sample_{index}.png"
+        image.save(folder / artifacts.SAMPLES_DIR / name)
+        names.append(name)
+    return names
+
+
+def _write_weights(comps: Components, config: TrainingConfig, recipe: Recipe, trigger_id: int | None,
+                   folder: Path) -> None:
+    if recipe.learns_token and trigger_id is not None:
+        vector = comps.text_encoder.get_input_embeddings().weight[trigger_id]
+        artifacts.save_embedding(folder, config.trigger_token or "", vector)
+    if not config.trains_unet:
+        return
+    if config.uses_lora:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(comps.unet))
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=unet_layers,
+            unet_lora_adapter_metadata=comps.unet.peft_config["default"].to_dict(),
+        )
+        return
+    comps.unet.to(torch.float16).save_pretrained(folder / artifacts.UNET_DIR)
+    if config.train_text_encoder:
+        comps.text_encoder.to(torch.float16).save_pretrained(folder / artifacts.TEXT_ENCODER_DIR)
