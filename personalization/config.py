@@ -245,6 +245,10 @@ class TrainingConfig:
             values["prompt_templates"] = list(self.preset.prompt_templates)
         if values["class_prompt"] is None:
             values["class_prompt"] = f"a photo of a {values['class_noun']}"
+        if self.method == "textual_inversion":
+            values["stage2_steps"] = 0  # TI never touches the U-Net
+        if self.method in ("dreambooth", "dreambooth_lora"):
+            values["stage1_steps"] = 0  # DreamBooth learns no embedding
         if self.method != "two_stage":
             values["stage2_mode"] = "lora" if self.method == "dreambooth_lora" else "full"
         if values["stage1_steps"] == 0 and values["stage2_steps"] == 0:

@@ -19,6 +19,7 @@ from transformers import CLIPTextModel
 from . import artifacts
 from .artifacts import ArtifactError, ArtifactInfo
 from .device import default_base_model, resolve_base_model_path
+from .tokens import strip_trigger
 
 
 @dataclass
@@ -143,11 +144,15 @@ class Generator:
 
     # ---- images ------------------------------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, personalized: bool = True) -> list[Image.Image]:
-        """Images for ``request``; ``personalized=False`` renders the same seed with the plain base model."""
+        """Images for ``request``; ``personalized=False`` renders the same seed with the plain base model, with the
+        trigger taken out of the prompt (the base model has never seen it)."""
         request.validate()
         with self._lock:
             pipeline = self.pipeline if self.pipeline is not None else self.use_base()
             info = self.applied
+            prompt = request.prompt
+            if info is not None and not personalized and info.has_embeddings:
+                prompt = strip_trigger(prompt, info.trigger_token)
             kwargs = {}
             if request.resolution:
                 kwargs = {"height": request.resolution, "width": request.resolution}
@@ -156,7 +161,7 @@ class Generator:
             with _base_view(self, pipeline, enabled=info is not None and not personalized):
                 generator = torch.Generator("cpu").manual_seed(request.seed)
                 return pipeline(
-                    request.prompt, negative_prompt=request.negative_prompt or None,
+                    prompt, negative_prompt=request.negative_prompt or None,
                     num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                     num_images_per_prompt=request.num_images, generator=generator, **kwargs,
                 ).images

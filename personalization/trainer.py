@@ -30,7 +30,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from . import artifacts
 from .config import TrainingConfig
 from .device import Placement, choose_placement, default_base_model, portable_base_model, resolve_base_model_path
-from .images import SubjectImages, load_subject_images, to_tensor_batch
+from .images import SubjectImages, list_image_files, load_subject_images, to_tensor_batch
 from .progress import CancelFlag, ProgressCallback, ProgressEvent
 from .recipes import Recipe, StagePlan, recipe_for
 from .tokens import TriggerError, add_trigger_token, check_trigger
@@ -254,7 +254,7 @@ def _add_unet_lora(unet: UNet2DConditionModel, config: TrainingConfig) -> None:
 
 
 @dataclass
-class _StageContext:
+class StageContext:
     components: Components
     config: TrainingConfig
     placement: Placement
@@ -271,7 +271,7 @@ class _StageContext:
     preview_prompt: str
 
 
-def run_stage(stage: StagePlan, ctx: _StageContext) -> StageSummary:
+def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
     """Train one stage: set what is trainable, cache what is constant, then step."""
     comps, config, device = ctx.components, ctx.config, ctx.placement.device
     generator = torch.Generator("cpu").manual_seed(config.seed + ctx.steps_before)
@@ -428,10 +428,12 @@ def train(
     started = time.perf_counter()
     cancel = cancel or CancelFlag()
     config = config.resolved()
-    base_model = config.base_model or default_base_model()
-    base_path = resolve_base_model_path(base_model)
     output_dir = Path(output_dir)
     artifacts.prepare_output_dir(output_dir, overwrite)
+    if not isinstance(subject_images, SubjectImages):
+        list_image_files(subject_images)  # a missing folder is reported before a model is looked for
+    base_model = config.base_model or default_base_model()
+    base_path = resolve_base_model_path(base_model)
     resolution = config.resolution or default_resolution(base_path)
     if not isinstance(subject_images, SubjectImages):
         subject_images = load_subject_images(subject_images, resolution, center_crop=config.center_crop)
@@ -474,7 +476,7 @@ def train(
     training_started = time.perf_counter()
     steps_before = 0
     for stage in recipe.stages:
-        ctx = _StageContext(comps, config, placement, accelerator, subject_latents, flip_offset, class_latents,
+        ctx = StageContext(comps, config, placement, accelerator, subject_latents, flip_offset, class_latents,
                             trigger_id, cancel, progress, started, steps_before, recipe.total_steps,
                             config.sample_prompts()[0])
         summaries.append(run_stage(stage, ctx))

@@ -1,0 +1,213 @@
+"""Command line: ``python -m personalization train|generate ...``.
+
+Bad input ends with one line on stderr and a non-zero exit code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import METHODS, MIXED_PRECISIONS, STAGE2_MODES, SUBJECT_TYPES, ConfigError, TrainingConfig
+from .progress import ProgressEvent, TrainingCancelled
+
+# Option name -> config field, for the options that map one to one.
+TRAIN_OPTIONS = {
+    "method": "method", "stage2_mode": "stage2_mode", "subject_type": "subject_type", "base_model": "base_model",
+    "trigger": "trigger_token", "init_word": "init_word", "resolution": "resolution",
+    "stage1_steps": "stage1_steps", "stage1_lr": "stage1_learning_rate", "stage2_steps": "stage2_steps",
+    "stage2_lr": "stage2_learning_rate", "batch_size": "max_batch_size", "lora_rank": "lora_rank",
+    "lora_alpha": "lora_alpha", "class_images": "class_images", "class_prompt": "class_prompt",
+    "seed": "seed", "mixed_precision": "mixed_precision", "preview_interval": "preview_interval",
+    "samples": "sample_count", "sample_steps": "sample_steps", "guidance": "guidance_scale",
+}
+TRAIN_FLAGS = {
+    "prior_preservation": "prior_preservation", "train_text_encoder": "train_text_encoder",
+    "gradient_checkpointing": "gradient_checkpointing", "use_8bit_adam": "use_8bit_adam",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m personalization",
+        description="Teach a text-to-image diffusion model a new subject from a few photos.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train on a folder of subject photos and write an artifact folder")
+    train.add_argument("--images", required=True, type=Path, help="folder of 1-50 photos of the subject")
+    train.add_argument("--class-noun", help="what the subject is, e.g. dog, backpack, star (required unless --config)")
+    train.add_argument("--out", required=True, type=Path, help="artifact folder to write (what gets pushed)")
+    train.add_argument("--config", type=Path, help="a training_config.json to start from; options override it")
+    train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    train.add_argument("--method", choices=METHODS, help="default: two_stage")
+    train.add_argument("--stage2-mode", choices=STAGE2_MODES, help="two_stage U-Net training: full or lora")
+    train.add_argument("--subject-type", choices=SUBJECT_TYPES, help="preset: prompt templates, flips, steps")
+    train.add_argument("--base-model", help="Hub id or local diffusers folder (default: SD-1.5 on GPU, mini on CPU)")
+    train.add_argument("--trigger", help="the new token, e.g. '<my-dog>' (DreamBooth: an identifier like sks)")
+    train.add_argument("--init-word", help="word whose embedding starts the trigger (default: the class noun)")
+    train.add_argument("--resolution", type=int)
+    train.add_argument("--stage1-steps", type=int, help="trigger-embedding steps (two_stage, textual_inversion)")
+    train.add_argument("--stage1-lr", type=float)
+    train.add_argument("--stage2-steps", type=int, help="U-Net steps (two_stage stage 2, DreamBooth)")
+    train.add_argument("--stage2-lr", type=float)
+    train.add_argument("--batch-size", type=int, help="images per step (cap; default 4)")
+    train.add_argument("--lora-rank", type=int)
+    train.add_argument("--lora-alpha", type=int)
+    train.add_argument("--prior-preservation", action="store_true", help="DreamBooth: regularize with class images")
+    train.add_argument("--class-images", type=int, help="number of prior-preservation images")
+    train.add_argument("--class-prompt")
+    train.add_argument("--train-text-encoder", action="store_true", help="DreamBooth: also train the text encoder")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--mixed-precision", choices=MIXED_PRECISIONS)
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--use-8bit-adam", action="store_true")
+    train.add_argument("--validation-prompt", action="append", dest="validation_prompts",
+                       help="prompt for the sample images (repeatable)")
+    train.add_argument("--preview-interval", type=int, help="render a preview every N steps (0: never)")
+    train.add_argument("--samples", type=int, help="sample images written to samples/")
+    train.add_argument("--sample-steps", type=int)
+    train.add_argument("--guidance", type=float)
+
+    generate = commands.add_parser("generate", help="generate images with an artifact folder")
+    generate.add_argument("--artifact", required=True, help="artifact folder (or Hub repo id)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--out", required=True, type=Path, help="image file; several images get _1, _2 ...")
+    generate.add_argument("--negative-prompt", default="")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=int, default=25)
+    generate.add_argument("--guidance", type=float, default=5.0)
+    generate.add_argument("--lora-scale", type=float, default=1.0)
+    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--base-model", help="override the base model recorded in the artifact")
+    generate.add_argument("--token", help="Hugging Face token for private repos (default: $HF_TOKEN)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The validated config the options describe (a --config file first, then the options on top)."""
+    values = TrainingConfig.from_json_file(args.config).to_dict() if args.config else {}
+    for option, name in TRAIN_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            values[name] = value
+    for option, name in TRAIN_FLAGS.items():
+        if getattr(args, option):
+            values[name] = True
+    if args.validation_prompts:
+        values["validation_prompts"] = args.validation_prompts
+    if args.class_noun:
+        values["class_noun"] = args.class_noun
+    if not values.get("class_noun"):
+        raise ConfigError("--class-noun is required (what the subject is, e.g. dog)")
+    return TrainingConfig.from_dict(values).validate()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .trainer import train
+
+    config = config_from_args(args)
+    bar: tqdm | None = None
+
+    def show(event: ProgressEvent) -> None:
+        nonlocal bar
+        if event.total_steps == 0:
+            return
+        if bar is None:
+            bar = tqdm(total=event.total_steps, unit="step", dynamic_ncols=True)
+        bar.set_description(event.stage)
+        if event.loss is not None:
+            bar.set_postfix(loss=f"{event.loss:.4f}")
+        bar.update(event.step - bar.n)
+
+    try:
+        result = train(config, args.images, args.out, progress=show, overwrite=args.overwrite)
+    finally:
+        if bar is not None:
+            bar.close()
+    for note in result.notes:
+        print(f"note: {note}")
+    times = ", ".join(f"{s.name} {s.steps} steps {s.seconds:.1f} s" for s in result.stages)
+    print(f"trained {result.config.method} on {result.hardware}: {times}")
+    print(f"wrote {result.output_dir} (trigger: {result.config.instance_prompt()})")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generation import GenerationRequest, Generator
+
+    folder = Path(args.artifact)
+    if not folder.is_dir():
+        if "/" not in args.artifact or args.artifact.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{args.artifact}: no such artifact folder")
+        from .hub import download_repo, resolve_token
+
+        folder = download_repo(args.artifact, resolve_token(args.token))
+    generator = Generator()
+    info = generator.apply(folder, base_model=args.base_model)
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                                steps=args.steps, guidance_scale=args.guidance, lora_scale=args.lora_scale,
+                                num_images=args.num_images, resolution=info.config.get("resolution"))
+    images = generator.generate(request)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        path = args.out if index == 0 else args.out.with_name(f"{args.out.stem}_{index}{args.out.suffix}")
+        image.save(path)
+        print(f"wrote {path}")
+    return 0
+
+
+def quiet_libraries() -> None:
+    """Library chatter (load bars, torchvision notices) would bury the one line that matters."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.debug:
+        quiet_libraries()
+    try:
+        if args.command == "train":
+            return run_train(args)
+        return run_generate(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except TrainingCancelled as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # every failure ends as one readable line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    message = text[0] if text else type(error).__name__
+    known = ("ConfigError", "ImageError", "TriggerError", "ArtifactError", "HubError", "FileNotFoundError")
+    if type(error).__name__ not in known:
+        message = f"{type(error).__name__}: {message}"
+    return message + (" (run with --debug for details)" if type(error).__name__ not in known else "")
+
+
+__all__ = ["build_parser", "config_from_args", "main"]

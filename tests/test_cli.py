@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from personalization.cli import main
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "personalization", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_help_exits_zero():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout
+    result = run_cli("train", "--help")
+    assert result.returncode == 0 and "--class-noun" in result.stdout
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "photos"
+    bad.mkdir()
+    (bad / "cat.png").write_text("not really a png")
+    result = run_cli("train", "--images", str(bad), "--class-noun", "cat", "--out", str(tmp_path / "out"),
+                     "--resolution", "64", "--base-model", str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: cat.png: not an image file Pillow can read"]
+    assert not (tmp_path / "out").exists()
+
+    result = run_cli("train", "--images", str(bad), "--class-noun", "cat!", "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: class_noun must be a plain word")
+
+    result = run_cli("train", "--images", str(bad), "--class-noun", "cat", "--out", str(tmp_path / "o"),
+                     "--method", "dreambooth", "--stage1-steps", "-3")
+    assert result.returncode == 1 and "stage1_steps" in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "generate", "--artifact", str(tmp_path / "missing"), "--prompt", "x", "--out",
+                     str(tmp_path / "x.png"))
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_train_then_generate_in_process(tiny_base, subject_dir, tmp_path, capsys):
+    out = tmp_path / "artifact"
+    code = main(["train", "--images", str(subject_dir), "--class-noun", "box", "--out", str(out), "--base-model",
+                 str(tiny_base), "--stage1-steps", "2", "--stage2-steps", "2", "--samples", "1", "--sample-steps", "2"])
+    assert code == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    image_path = tmp_path / "gen.png"
+    code = main(["generate", "--artifact", str(out), "--base-model", str(tiny_base), "--prompt",
+                 "a photo of a <my-box> box", "--out", str(image_path), "--steps", "3", "--num-images", "2"])
+    assert code == 0
+    first, second = Image.open(image_path), Image.open(tmp_path / "gen_1.png")
+    assert first.size == (64, 64) and not np.array_equal(np.asarray(first), np.asarray(second))
+    # A second train into the same folder is refused unless --overwrite.
+    code = main(["train", "--images", str(subject_dir), "--class-noun", "box", "--out", str(out), "--base-model",
+                 str(tiny_base)])
+    assert code == 1 and "folder exists and is not empty" in capsys.readouterr().err

@@ -1,0 +1,152 @@
+import math
+import time
+
+import pytest
+import torch
+
+from personalization.config import TrainingConfig
+from personalization.device import choose_placement
+from personalization.images import load_subject_images
+from personalization.progress import CancelFlag, TrainingCancelled
+from personalization.recipes import recipe_for
+from personalization.tokens import add_trigger_token
+from personalization.trainer import StageContext, encode_images, load_components, run_stage, train
+from tests.tiny_pipeline import TINY_RESOLUTION
+
+
+def tiny_config(tiny_base, **changes) -> TrainingConfig:
+    values = {"class_noun": "box", "base_model": str(tiny_base), "stage1_steps": 3, "stage2_steps": 3,
+              "sample_count": 1, "sample_steps": 2, **changes}
+    return TrainingConfig(**values)
+
+
+def stage_context(components, config, subject_dir, trigger_id):
+    images = load_subject_images(subject_dir, TINY_RESOLUTION).images
+    from accelerate import Accelerator
+
+    placement = choose_placement("no", "cpu")
+    return StageContext(components, config, placement, Accelerator(cpu=True), encode_images(components.vae, images,
+                        placement.device), None, None, trigger_id, CancelFlag(), None, time.perf_counter(), 0, 6,
+                        config.instance_prompt())
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def test_stage1_moves_only_the_trigger_row_even_with_weight_decay(tiny_base, subject_dir):
+    config = tiny_config(tiny_base, stage1_weight_decay=0.1, stage1_learning_rate=0.05).resolved()
+    components = load_components(str(tiny_base), choose_placement("no", "cpu"))
+    trigger_id = add_trigger_token(components.tokenizer, components.text_encoder, config.trigger_token, "box")
+    before = {name: snapshot(getattr(components, name)) for name in ("text_encoder", "unet", "vae")}
+    stage1 = recipe_for(config).stages[0]
+    run_stage(stage1, stage_context(components, config, subject_dir, trigger_id))
+
+    after_text = snapshot(components.text_encoder)
+    embedding_key = next(k for k in after_text if k.endswith("token_embedding.weight"))
+    moved = ~torch.all(after_text[embedding_key] == before["text_encoder"][embedding_key], dim=1)
+    assert moved.nonzero().flatten().tolist() == [trigger_id]
+    for name, tensor in after_text.items():
+        if name != embedding_key:
+            assert torch.equal(tensor, before["text_encoder"][name]), name
+    for part in ("unet", "vae"):
+        for name, tensor in snapshot(getattr(components, part)).items():
+            assert torch.equal(tensor, before[part][name]), f"{part}.{name}"
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_stage2_keeps_text_encoder_and_embedding_bit_identical(tiny_base, subject_dir, mode):
+    config = tiny_config(tiny_base, stage2_mode=mode, stage2_learning_rate=1e-3).resolved()
+    components = load_components(str(tiny_base), choose_placement("no", "cpu"))
+    trigger_id = add_trigger_token(components.tokenizer, components.text_encoder, config.trigger_token, "box")
+    stage1, stage2 = recipe_for(config).stages
+    context = stage_context(components, config, subject_dir, trigger_id)
+    run_stage(stage1, context)
+    text_before, vae_before = snapshot(components.text_encoder), snapshot(components.vae)
+    unet_before = snapshot(components.unet)
+    summary = run_stage(stage2, context)
+
+    assert math.isfinite(summary.final_loss)
+    for name, tensor in snapshot(components.text_encoder).items():
+        assert torch.equal(tensor, text_before[name]), name
+    for name, tensor in snapshot(components.vae).items():
+        assert torch.equal(tensor, vae_before[name]), name
+    unet_after = snapshot(components.unet)
+    if mode == "full":
+        assert any(not torch.equal(unet_after[n], unet_before[n]) for n in unet_before)
+    else:
+        lora = [n for n in unet_after if "lora_" in n]
+        assert lora and any("lora_B" in n and unet_after[n].abs().sum() > 0 for n in lora)
+        for name in unet_before:  # the base weights under the adapter stay put
+            key = name if name in unet_after else name.replace(".weight", ".base_layer.weight").replace(
+                ".bias", ".base_layer.bias")
+            assert torch.equal(unet_after[key], unet_before[name]), name
+
+
+@pytest.mark.parametrize(
+    ("method", "changes", "files"),
+    [
+        ("two_stage", {"stage2_mode": "lora"}, {"learned_embeds.safetensors", "pytorch_lora_weights.safetensors"}),
+        ("two_stage", {"stage2_mode": "full"}, {"learned_embeds.safetensors", "unet"}),
+        ("textual_inversion", {}, {"learned_embeds.safetensors"}),
+        ("dreambooth", {"prior_preservation": True, "class_images": 2, "train_text_encoder": True},
+         {"unet", "text_encoder"}),
+        ("dreambooth_lora", {}, {"pytorch_lora_weights.safetensors"}),
+    ],
+)
+def test_each_method_trains_with_finite_losses_and_writes_its_files(tiny_base, subject_dir, tmp_path, method,
+                                                                     changes, files):
+    events = []
+    result = train(tiny_config(tiny_base, method=method, **changes), subject_dir, tmp_path / "out",
+                   progress=events.append)
+    written = {p.name for p in result.output_dir.iterdir()}
+    assert files <= written
+    assert {"README.md", "training_config.json", "training_summary.json", "samples"} <= written
+    assert all(math.isfinite(stage.final_loss) for stage in result.stages)
+    steps = [e.step for e in events if e.loss is not None]
+    assert steps == list(range(1, result.config.stage1_steps + result.config.stage2_steps + 1))
+    assert all(e.eta_s is not None and e.eta_s >= 0 for e in events if e.loss is not None)
+
+
+def test_cancel_mid_run_leaves_no_folder(tiny_base, subject_dir, tmp_path):
+    cancel = CancelFlag()
+
+    def stop_at_step_two(event):
+        if event.step == 2:
+            cancel.cancel()
+
+    with pytest.raises(TrainingCancelled):
+        train(tiny_config(tiny_base), subject_dir, tmp_path / "out", progress=stop_at_step_two, cancel=cancel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subject"]
+
+
+def test_crash_mid_run_leaves_no_folder_and_keeps_an_old_one(tiny_base, subject_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier result")
+
+    def crash(event):
+        if event.step == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config(tiny_base), subject_dir, out, progress=crash, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_existing_output_is_refused_before_training(tiny_base, subject_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    with pytest.raises(ValueError, match="folder exists and is not empty"):
+        train(tiny_config(tiny_base), subject_dir, out)
+
+
+def test_previews_arrive_every_interval(tiny_base, subject_dir, tmp_path):
+    events = []
+    train(tiny_config(tiny_base, stage1_steps=2, stage2_steps=2, preview_interval=2, sample_count=0), subject_dir,
+          tmp_path / "out", progress=events.append)
+    previews = [(e.stage, e.stage_step) for e in events if e.preview is not None]
+    assert len(previews) == 2 and all(step == 2 for _, step in previews)
+    assert all(e.preview.size == (TINY_RESOLUTION, TINY_RESOLUTION) for e in events if e.preview is not None)
