@@ -103,6 +103,9 @@ class Generator:
                 "give that base model's folder"
             )
         with self._lock:
+            if self.applied is not None and self.applied.folder.resolve() == info.folder.resolve() \
+                    and self.base_model == base:
+                return self.applied  # already applied: generating again must not reload anything
             pipeline = self.use_base(base)
             self.remove_artifact()
             try:

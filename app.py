@@ -1,0 +1,548 @@
+"""The Gradio app: Upload, Train, Generate and Hub tabs wired to the `personalization` engine.
+
+It only assembles the page: each tab is built by a small factory that receives the services it needs. Training,
+generation and Hub transfer live in the engine; this file never touches a tensor.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from personalization import hub
+from personalization.artifacts import ArtifactError, read_artifact
+from personalization.config import PRESETS, ConfigError, TrainingConfig
+from personalization.device import BUNDLED_MINI_MODEL, SD15_HUB_ID, default_base_model, resolve_base_model_path
+from personalization.generation import GenerationRequest, Generator
+from personalization.images import ImageError, SubjectImages, sort_subject_images
+from personalization.jobs import TrainingJob, Workspace, describe_failure, estimate_seconds
+from personalization.model_card import set_repo_id
+from personalization.progress import ProgressEvent, format_seconds
+from personalization.tokens import check_trigger, strip_trigger, suggest_trigger
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES_DIR = ROOT / "examples"
+WORK_ROOT = Path(os.environ.get("PERSONALIZATION_WORKDIR", Path(tempfile.gettempdir()) / "personalization-sessions"))
+ON_SPACE = bool(os.environ.get("SPACE_ID"))
+ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
+KNOWN_RESOLUTIONS = {SD15_HUB_ID: 512}
+METHOD_LABELS = {
+    "two_stage": "Two-stage (recommended)",
+    "textual_inversion": "Textual Inversion",
+    "dreambooth": "DreamBooth",
+    "dreambooth_lora": "DreamBooth-LoRA",
+}
+
+
+# ---- services --------------------------------------------------------------------------------------------------------
+@dataclass
+class Services:
+    """What the tabs share: the base model choice, the generator (one base in memory), the hardware name."""
+
+    default_base: str
+    generator: Generator
+    hardware: str
+    gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def tokenizer(self):
+        from transformers import CLIPTokenizer
+
+        # The bundled tokenizer is CLIP's (SD-1.x's too): checks need no download.
+        return CLIPTokenizer.from_pretrained(ROOT / "personalization" / "assets" / "clip_tokenizer")
+
+
+@dataclass
+class Session:
+    """One browser session: its workspace, the images it prepared, its running job and the Hub folders it loaded."""
+
+    workspace: Workspace
+    subject: SubjectImages | None = None
+    resolution: int | None = None
+    job: TrainingJob | None = None
+    hub_folders: dict[str, str] = field(default_factory=dict)
+
+
+def get_session(session: Session | None) -> Session:
+    return session if session is not None else Session(Workspace(WORK_ROOT))
+
+
+def resolution_for(base_model: str) -> int:
+    if base_model in KNOWN_RESOLUTIONS:
+        return KNOWN_RESOLUTIONS[base_model]
+    from personalization.trainer import default_resolution
+
+    try:
+        return default_resolution(resolve_base_model_path(base_model))
+    except Exception:  # an id we cannot read offline: SD-1.x's size is the safe guess
+        return 512
+
+
+def hardware_name() -> str:
+    from personalization.device import choose_placement
+
+    return choose_placement().describe()
+
+
+# ---- Upload tab ------------------------------------------------------------------------------------------------------
+def example_subjects() -> dict[str, Path]:
+    return {p.name.replace("_", " "): p for p in sorted(EXAMPLES_DIR.glob("*")) if (p / "subject.json").is_file()}
+
+
+def prepare_images(files: list[str] | None, base_model: str, session: Session | None):
+    """Check and square the uploaded files; show the kept ones and list the refused ones with their reason."""
+    session = get_session(session)
+    paths = [Path(f if isinstance(f, str) else f.name) for f in (files or [])]
+    resolution = resolution_for(base_model)
+    kept, rejected = sort_subject_images(paths, resolution)
+    session.subject = kept if len(kept) else None
+    session.resolution = resolution
+    lines = [f"**{len(kept)} image(s) ready** at {resolution}×{resolution} px."]
+    lines += [f"- refused `{html.escape(r.name)}`: {html.escape(r.reason)}" for r in rejected]
+    lines += [f"- note: {html.escape(n)}" for n in kept.notes]
+    if not paths:
+        lines = ["Upload 3–10 photos of your subject (or pick an example)."]
+    gallery = [(image, name) for image, name in zip(kept.images, kept.names, strict=True)]
+    return gallery, "\n".join(lines), session
+
+
+def load_example(name: str, base_model: str, session: Session | None):
+    folder = example_subjects().get(name)
+    if folder is None:
+        return [], "Unknown example.", gr.update(), gr.update(), session
+    files = sorted(str(p) for p in folder.glob("*.png"))
+    info = json.loads((folder / "subject.json").read_text())
+    gallery, message, session = prepare_images(files, base_model, session)
+    return gallery, message, info.get("class_noun", ""), files, session
+
+
+def check_trigger_text(services: Services, trigger: str, method: str) -> str:
+    if not trigger.strip():
+        return "A trigger is suggested from the class noun when left empty."
+    identifier = method in ("dreambooth", "dreambooth_lora")
+    check = check_trigger(services.tokenizer(), trigger, allow_existing_word=identifier)
+    if check.ok:
+        return f"✅ {html.escape(check.message)}"
+    hint = f" Try `{check.suggestion}`." if check.suggestion else ""
+    return f"⚠️ {html.escape(check.message)}.{hint}"
+
+
+def build_upload_tab(services: Services, session: gr.State,
+                     base_model: gr.Dropdown) -> dict[str, gr.components.Component]:
+    with gr.Row():
+        with gr.Column(scale=3):
+            files = gr.File(label="Photos of your subject", file_count="multiple", file_types=["image"],
+                            elem_id="subject-files")
+            examples = list(example_subjects())
+            with gr.Row():
+                example = gr.Dropdown(examples, label="…or an example subject", value=None, elem_id="example")
+            status = gr.Markdown("Upload 3–10 photos of your subject (or pick an example).", elem_id="upload-status")
+        with gr.Column(scale=4):
+            gallery = gr.Gallery(label="Prepared images (what training sees)", columns=5, height=260,
+                                 elem_id="prepared-gallery")
+    with gr.Row():
+        subject_type = gr.Radio(list(PRESETS), value="object", label="Subject type (preset)")
+        class_noun = gr.Textbox(label="Class noun", placeholder="dog, backpack, star…", elem_id="class-noun")
+        with gr.Column():
+            trigger = gr.Textbox(label="Trigger word", placeholder="<my-dog> (empty: suggested)", elem_id="trigger")
+            trigger_status = gr.Markdown("", elem_id="trigger-status")
+            suggest = gr.Button("Suggest a trigger", size="sm")
+
+    files.change(prepare_images, [files, base_model, session], [gallery, status, session], api_name="prepare_images")
+    example.change(load_example, [example, base_model, session], [gallery, status, class_noun, files, session],
+                   api_name="load_example")
+    suggest.click(lambda noun: suggest_trigger(services.tokenizer(), noun or "subject"), class_noun, trigger,
+                  api_name="suggest_trigger")
+    return {"files": files, "class_noun": class_noun, "trigger": trigger, "trigger_status": trigger_status,
+            "subject_type": subject_type, "gallery": gallery}
+
+
+# ---- Train tab -------------------------------------------------------------------------------------------------------
+FORM_FIELDS = ("stage1_steps", "stage1_learning_rate", "stage2_steps", "stage2_learning_rate", "lora_rank",
+               "max_batch_size", "seed", "class_images", "preview_interval")
+
+
+def preset_values(subject_type: str, method: str, stage2_mode: str, base_model: str) -> list[Any]:
+    """The form's numbers for a preset and method, from the engine's own defaults."""
+    config = TrainingConfig(class_noun="subject", subject_type=subject_type, method=method, stage2_mode=stage2_mode,
+                            base_model=base_model).resolved()
+    preview = 50 if base_model == BUNDLED_MINI_MODEL else 100
+    return [config.stage1_steps, config.stage1_learning_rate, config.stage2_steps, config.stage2_learning_rate,
+            config.lora_rank, config.max_batch_size, config.seed, config.class_images, preview]
+
+
+def form_to_config(values: dict[str, Any], session: Session) -> TrainingConfig:
+    """The validated config a form describes; raises ConfigError naming the field."""
+    numbers = {name: values[name] for name in FORM_FIELDS}
+    for name in ("stage1_steps", "stage2_steps", "lora_rank", "max_batch_size", "seed", "class_images",
+                 "preview_interval"):
+        numbers[name] = int(numbers[name]) if numbers[name] is not None else None
+    return TrainingConfig(
+        class_noun=(values["class_noun"] or "").strip(), method=values["method"], stage2_mode=values["stage2_mode"],
+        subject_type=values["subject_type"], base_model=values["base_model"],
+        trigger_token=(values["trigger"] or "").strip() or None, resolution=session.resolution,
+        prior_preservation=bool(values["prior_preservation"]) and values["method"].startswith("dreambooth"),
+        train_text_encoder=bool(values["train_text_encoder"]) and values["method"] == "dreambooth",
+        gradient_checkpointing=bool(values["gradient_checkpointing"]), use_8bit_adam=bool(values["use_8bit_adam"]),
+        **numbers,
+    ).resolved()
+
+
+def progress_html(event: ProgressEvent | None, message: str = "") -> str:
+    if event is None:
+        return f"<div class='run-status'>{html.escape(message)}</div>"
+    percent = 100 * event.fraction
+    loss = "" if event.loss is None else f" · loss {event.loss:.4f}"
+    eta = "" if event.eta_s is None else f" · ETA {format_seconds(event.eta_s)}"
+    return (f"<div class='run-status'><div class='bar'><div style='width:{percent:.1f}%'></div></div>"
+            f"<b>{html.escape(event.stage)}</b> step {event.stage_step}/{event.stage_total}{loss}{eta} · "
+            f"elapsed {format_seconds(event.elapsed_s)} · total {event.step}/{event.total_steps}</div>")
+
+
+def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdown,
+                    upload: dict[str, gr.components.Component]):
+    with gr.Row():
+        method = gr.Radio([(label, key) for key, label in METHOD_LABELS.items()], value="two_stage", label="Method")
+        stage2_mode = gr.Radio(["lora", "full"], value="lora", label="Stage 2 (two-stage): LoRA or full U-Net")
+    defaults = preset_values("object", "two_stage", "lora", services.default_base)
+    with gr.Accordion("Hyperparameters (prefilled by the preset)", open=False):
+        with gr.Row():
+            stage1_steps = gr.Number(defaults[0], label="Stage 1 / TI steps", precision=0, minimum=0)
+            stage1_lr = gr.Number(defaults[1], label="Stage 1 / TI learning rate")
+            stage2_steps = gr.Number(defaults[2], label="U-Net steps", precision=0, minimum=0)
+            stage2_lr = gr.Number(defaults[3], label="U-Net learning rate")
+        with gr.Row():
+            lora_rank = gr.Number(defaults[4], label="LoRA rank", precision=0, minimum=1)
+            batch = gr.Number(defaults[5], label="Images per step", precision=0, minimum=1)
+            seed = gr.Number(defaults[6], label="Seed", precision=0, minimum=0)
+            preview_interval = gr.Number(defaults[8], label="Preview every N steps (0: off)", precision=0, minimum=0)
+        with gr.Row():
+            prior = gr.Checkbox(False, label="DreamBooth: prior preservation (class images)")
+            class_images = gr.Number(defaults[7], label="Class images", precision=0, minimum=1)
+            text_encoder = gr.Checkbox(False, label="DreamBooth: train the text encoder")
+            checkpointing = gr.Checkbox(False, label="Gradient checkpointing (less memory)")
+            adam8 = gr.Checkbox(False, label="8-bit Adam (less memory, needs bitsandbytes)")
+    estimate = gr.Markdown(elem_id="estimate")
+    with gr.Row():
+        start = gr.Button("Start training", variant="primary", elem_id="start-training")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-training")
+    status = gr.HTML(progress_html(None, "Not started."), elem_id="train-progress")
+    with gr.Row():
+        preview = gr.Image(label="Preview (fixed seed)", height=256, interactive=False, elem_id="train-preview")
+        result = gr.Markdown(elem_id="train-result")
+
+    form = {"class_noun": upload["class_noun"], "trigger": upload["trigger"], "subject_type": upload["subject_type"],
+            "method": method, "stage2_mode": stage2_mode, "base_model": base_model, "stage1_steps": stage1_steps,
+            "stage1_learning_rate": stage1_lr, "stage2_steps": stage2_steps, "stage2_learning_rate": stage2_lr,
+            "lora_rank": lora_rank, "max_batch_size": batch, "seed": seed, "class_images": class_images,
+            "preview_interval": preview_interval, "prior_preservation": prior, "train_text_encoder": text_encoder,
+            "gradient_checkpointing": checkpointing, "use_8bit_adam": adam8}
+    by_component = {component: name for name, component in form.items()}
+    numbers = [stage1_steps, stage1_lr, stage2_steps, stage2_lr, lora_rank, batch, seed, class_images,
+               preview_interval]
+
+    def named(data: dict) -> dict[str, Any]:
+        return {by_component[c]: v for c, v in data.items() if c in by_component}
+
+    def show_estimate(data: dict) -> str:
+        values, session_value = named(data), data.get(session)
+        try:
+            config = form_to_config({**values, "class_noun": values["class_noun"] or "subject"},
+                                    get_session(session_value))
+        except (ConfigError, ValueError, TypeError) as error:
+            return f"⚠️ {html.escape(str(error))}"
+        seconds = estimate_seconds(config, services.hardware, config.base_model or services.default_base)
+        return (f"Estimated time on **{html.escape(services.hardware)}**: about **{format_seconds(seconds)}** "
+                f"({config.stage1_steps} + {config.stage2_steps} steps).")
+
+    def start_training(data: dict):
+        session_value = get_session(data.get(session))
+        values = named(data)
+        if session_value.job is not None and session_value.job.result is None and session_value.job.error is None:
+            yield progress_html(None, "A training is already running in this session."), None, "", session_value
+            return
+        if session_value.subject is None or not len(session_value.subject):
+            yield progress_html(None, "Upload subject images first (Upload tab)."), None, "", session_value
+            return
+        try:
+            config = form_to_config(values, session_value)
+        except (ConfigError, ImageError, ValueError, TypeError) as error:
+            yield progress_html(None, f"Invalid settings: {error}"), None, "", session_value
+            return
+        output = session_value.workspace.new_run_dir(f"{config.method}-{config.class_noun}")
+        job = TrainingJob(config, session_value.subject, output)
+        session_value.job = job
+        yield progress_html(None, "Loading the base model…"), None, "", session_value
+        with services.gpu_lock:  # one training per GPU; the queue shows others their place
+            job.start()
+            last_preview = None
+            for event in job.events():
+                last_preview = event.preview or last_preview
+                yield progress_html(event), last_preview, "", session_value
+            job.wait()
+        if job.error is not None:
+            yield progress_html(None, describe_failure(job.error)), last_preview, "", session_value
+            return
+        info = read_artifact(output)
+        seconds = job.result.seconds_training if job.result is not None else 0.0
+        message = (f"✅ Trained **{METHOD_LABELS[config.method]}** in {format_seconds(seconds)}. "
+                   f"Use **`{info.instance_prompt}`** in your prompts.\n\nSaved to `{output}` — "
+                   "open the Generate tab to try it, the Hub tab to push it.")
+        yield progress_html(None, "Done."), last_preview, message, session_value
+
+    def cancel_training(session_value: Session | None) -> str:
+        if session_value is None or session_value.job is None:
+            return progress_html(None, "Nothing to cancel.")
+        session_value.job.cancel()
+        return progress_html(None, "Cancelling… (stops at the next step; nothing will be written)")
+
+    preset_inputs = [upload["subject_type"], method, stage2_mode, base_model]
+    for control in (upload["subject_type"], method, stage2_mode):
+        control.change(lambda *v: preset_values(*v), preset_inputs, numbers, queue=False, api_visibility="undocumented")
+    for control in [*numbers, method, stage2_mode, prior, base_model, upload["subject_type"]]:
+        control.change(show_estimate, {*form.values(), session}, estimate, queue=False, api_visibility="undocumented")
+    upload["trigger"].change(lambda t, m: check_trigger_text(services, t, m), [upload["trigger"], method],
+                             upload["trigger_status"], queue=False, api_visibility="undocumented")
+    def gpu_seconds(data: dict) -> int:
+        """ZeroGPU time to ask for: the estimate plus half again, within what ZeroGPU allows."""
+        try:
+            config = form_to_config(named(data), get_session(data.get(session)))
+            estimate = estimate_seconds(config, "NVIDIA H200", config.base_model or services.default_base)
+        except (ConfigError, ValueError, TypeError):
+            return 60
+        return int(min(max(60, estimate * 1.5 + 30), 1500))
+
+    train_function = start_training
+    if ZERO_GPU:
+        import spaces  # present on ZeroGPU Spaces only
+
+        train_function = spaces.GPU(duration=gpu_seconds)(start_training)
+    run_event = start.click(train_function, {*form.values(), session}, [status, preview, result, session],
+                            api_name="train", concurrency_limit=1, concurrency_id="gpu")
+    cancel.click(cancel_training, session, status, api_name="cancel", queue=False)
+    return {"run_event": run_event, "estimate": estimate, "show_estimate": show_estimate,
+            "estimate_inputs": {*form.values(), session}}
+
+
+# ---- Generate tab ----------------------------------------------------------------------------------------------------
+def run_choices(session: Session | None) -> list[tuple[str, str]]:
+    if session is None:
+        return []
+    choices = [(f"{info.folder.name} — {info.instance_prompt}", info.folder.name) for info in session.workspace.runs()]
+    choices += [(f"Hub: {repo}", f"hub:{repo}") for repo in session.hub_folders]
+    return choices
+
+
+def resolve_source(session: Session, choice: str) -> Path:
+    """A dropdown value to a folder this session owns (values from a client are never trusted as paths)."""
+    if choice.startswith("hub:"):
+        folder = session.hub_folders.get(choice[4:])
+        if folder is None:
+            raise ArtifactError(f"{choice[4:]} was not loaded in this session")
+        return Path(folder)
+    folder = session.workspace.folder / Path(choice).name
+    if not folder.is_dir():
+        raise ArtifactError(f"no run named {Path(choice).name} in this session")
+    return folder
+
+
+def build_generate_tab(services: Services, session: gr.State):
+    with gr.Row():
+        source = gr.Dropdown([], label="Model: a run of this session or a loaded Hub repo", elem_id="source")
+        refresh = gr.Button("↻ Refresh", size="sm")
+    with gr.Row():
+        repo_id = gr.Textbox(label="…or a Hub repo id", placeholder="user/my-dog", elem_id="hub-repo-id")
+        hub_token = gr.Textbox(label="Token (private repos)", type="password")
+        load_repo = gr.Button("Load from the Hub")
+    load_status = gr.Markdown(elem_id="load-status")
+    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+    negative = gr.Textbox(label="Negative prompt", value="")
+    with gr.Row():
+        seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+        steps = gr.Slider(1, 100, 25, step=1, label="Steps")
+        guidance = gr.Slider(0, 15, 5.0, step=0.5, label="Guidance")
+        lora_scale = gr.Slider(0, 1.5, 1.0, step=0.05, label="LoRA scale")
+        count = gr.Slider(1, 4, 2, step=1, label="Images")
+    go = gr.Button("Generate", variant="primary", elem_id="generate")
+    with gr.Row():
+        base_gallery = gr.Gallery(label="Base model (same seed, trigger removed)", columns=2, elem_id="base-gallery")
+        personal_gallery = gr.Gallery(label="Personalized", columns=2, elem_id="personal-gallery")
+
+    def refresh_choices(session_value: Session | None):
+        choices = run_choices(session_value)
+        return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+    def choose(session_value: Session | None, choice: str | None) -> str:
+        if session_value is None or not choice:
+            return ""
+        try:
+            info = read_artifact(resolve_source(session_value, choice))
+        except ArtifactError as error:
+            return str(error)
+        return f"{info.instance_prompt} on the beach"
+
+    def load_from_hub(repo: str, token: str, session_value: Session | None, oauth_token: gr.OAuthToken | None = None):
+        session_value = get_session(session_value)
+        repo = (repo or "").strip()
+        if repo.count("/") != 1:
+            return "Give a repo id like `user/name`.", gr.update(), session_value
+        try:
+            folder = hub.download_repo(repo, hub.resolve_token(token or (oauth_token.token if oauth_token else None)))
+            read_artifact(folder)
+        except (hub.HubError, ArtifactError) as error:
+            return f"⚠️ {html.escape(str(error))}", gr.update(), session_value
+        session_value.hub_folders[repo] = str(folder)
+        choices = run_choices(session_value)
+        return f"Loaded `{repo}`.", gr.update(choices=choices, value=f"hub:{repo}"), session_value
+
+    def generate(choice: str | None, prompt_text: str, negative_text: str, seed_value: float, steps_value: float,
+                 guidance_value: float, scale: float, images: float, session_value: Session | None):
+        if session_value is None or not choice:
+            raise gr.Error("Train a model or load one from the Hub first.")
+        try:
+            folder = resolve_source(session_value, choice)
+            request = GenerationRequest(prompt=prompt_text, negative_prompt=negative_text, seed=int(seed_value or 0),
+                                        steps=int(steps_value), guidance_scale=float(guidance_value),
+                                        lora_scale=float(scale), num_images=int(images))
+            request.validate()
+            with services.gpu_lock if ZERO_GPU else _null_lock():
+                info = services.generator.apply(folder)
+                request.resolution = info.config.get("resolution")
+                personal = services.generator.generate(request)
+                base = services.generator.generate(request, personalized=False)
+        except (ArtifactError, ValueError) as error:
+            raise gr.Error(str(error)) from None
+        base_prompt = strip_trigger(prompt_text, info.trigger_token)
+        return ([(im, f"base · {base_prompt}") for im in base],
+                [(im, f"seed {request.seed + i}") for i, im in enumerate(personal)])
+
+    refresh.click(refresh_choices, session, source, queue=False, api_visibility="undocumented")
+    source.change(choose, [session, source], prompt, queue=False, api_visibility="undocumented")
+    load_repo.click(load_from_hub, [repo_id, hub_token, session], [load_status, source, session],
+                    api_name="load_from_hub")
+    go.click(generate, [source, prompt, negative, seed, steps, guidance, lora_scale, count, session],
+             [base_gallery, personal_gallery], api_name="generate", concurrency_limit=1, concurrency_id="generate")
+    return {"source": source, "refresh": refresh_choices, "prompt": prompt}
+
+
+class _null_lock:  # stands in for a lock where none is needed
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---- Hub tab ---------------------------------------------------------------------------------------------------------
+def build_hub_tab(services: Services, session: gr.State):
+    gr.Markdown("Push a trained run to your Hugging Face account. Private by default; the token is used for this "
+                "push only and is never stored or shown.")
+    with gr.Row():
+        if ON_SPACE:
+            gr.LoginButton()
+        token = gr.Textbox(label="Hugging Face write token (or sign in / set HF_TOKEN)", type="password",
+                           elem_id="hub-token")
+    with gr.Row():
+        run = gr.Dropdown([], label="Run to push", elem_id="push-run")
+        repo_name = gr.Textbox(label="Repo name", elem_id="repo-name")
+        private = gr.Checkbox(True, label="Private")
+    push = gr.Button("Push to the Hub", variant="primary", elem_id="push")
+    status = gr.Markdown(elem_id="push-status")
+
+    def choose_run(session_value: Session | None, choice: str | None) -> str:
+        if session_value is None or not choice or choice.startswith("hub:"):
+            return ""
+        info = read_artifact(resolve_source(session_value, choice))
+        return hub.slugify_repo_name(f"{info.class_noun}-{info.trigger_token}-{info.method}")
+
+    def do_push(choice: str | None, name: str, token_text: str, is_private: bool, session_value: Session | None,
+                oauth_token: gr.OAuthToken | None = None) -> str:
+        if session_value is None or not choice or choice.startswith("hub:"):
+            return "⚠️ Choose a run of this session to push."
+        token_value = hub.resolve_token(token_text or (oauth_token.token if oauth_token else None))
+        if token_value is None:
+            return "⚠️ No token: sign in with Hugging Face, paste a write token, or set HF_TOKEN."
+        try:
+            folder = resolve_source(session_value, choice)
+            owner = hub.whoami(token_value)
+            slug = hub.slugify_repo_name(name or folder.name)
+            set_repo_id(folder, f"{owner}/{slug}")
+            url = hub.push_folder(folder, slug, token_value, private=bool(is_private))
+        except (hub.HubError, ArtifactError) as error:
+            return f"⚠️ {html.escape(str(error))} (your local run is kept; you can retry)"
+        return f"✅ Pushed to [{url}]({url}) ({'private' if is_private else 'public'})."
+
+    run.change(choose_run, [session, run], repo_name, queue=False, api_visibility="undocumented")
+    push.click(do_push, [run, repo_name, token, private, session], status, api_name="push")
+    return {"run": run}
+
+
+# ---- page ------------------------------------------------------------------------------------------------------------
+CSS = """
+.run-status .bar {height: 10px; background: #e5e7eb; border-radius: 5px; margin-bottom: 6px; overflow: hidden}
+.run-status .bar div {height: 100%; background: linear-gradient(90deg, #6366f1, #ec4899)}
+"""
+
+
+def banner(services: Services) -> str:
+    lines = []
+    if services.default_base == BUNDLED_MINI_MODEL:
+        lines.append("Running on **CPU with the bundled mini model** (a small shapes world, 32 px): try the example "
+                     "subjects. To personalize Stable Diffusion 1.5 with your photos, **duplicate this Space onto a "
+                     "GPU** (A10G or better).")
+    if ON_SPACE and not os.environ.get("OAUTH_CLIENT_ID"):
+        lines.append("Hub login is not configured on this Space (`hf_oauth: true`): paste a token to push.")
+    return "\n\n".join(lines)
+
+
+def build_app(services: Services | None = None) -> gr.Blocks:
+    services = services or Services(default_base=os.environ.get("BASE_MODEL") or default_base_model(),
+                                    generator=Generator(), hardware=hardware_name())
+    Workspace.clean_old(WORK_ROOT)
+    with gr.Blocks(title="Personalize a diffusion model") as demo:
+        session = gr.State(None)
+        gr.Markdown("# Personalize a text-to-image model\nUpload a few photos of one subject, train, generate it "
+                    "anywhere, push it to the Hub. Method: two-stage personalization (Zeng et al., 2024).")
+        notice = banner(services)
+        if notice:
+            with gr.Row():
+                gr.Markdown(notice, elem_id="banner")
+                if ON_SPACE:
+                    gr.DuplicateButton(size="sm")
+        choices = list(dict.fromkeys([services.default_base, SD15_HUB_ID, BUNDLED_MINI_MODEL]))
+        base_model = gr.Dropdown(choices, value=services.default_base, label="Base model", allow_custom_value=True,
+                                 elem_id="base-model")
+        gr.Markdown(f"Hardware: **{html.escape(services.hardware)}**")
+        with gr.Tabs():
+            with gr.Tab("1 · Upload", id="upload"):
+                upload = build_upload_tab(services, session, base_model)
+            with gr.Tab("2 · Train", id="train"):
+                train = build_train_tab(services, session, base_model, upload)
+            with gr.Tab("3 · Generate", id="generate") as generate_tab:
+                generate = build_generate_tab(services, session)
+            with gr.Tab("4 · Hub", id="hub") as hub_tab:
+                hub_parts = build_hub_tab(services, session)
+        train["run_event"].then(generate["refresh"], session, generate["source"], api_visibility="undocumented")
+        train["run_event"].then(generate["refresh"], session, hub_parts["run"], api_visibility="undocumented")
+        generate_tab.select(generate["refresh"], session, generate["source"], queue=False, api_visibility="undocumented")
+        hub_tab.select(generate["refresh"], session, hub_parts["run"], queue=False, api_visibility="undocumented")
+        demo.load(train["show_estimate"], train["estimate_inputs"], train["estimate"],
+                  api_visibility="undocumented")
+    return demo
+
+
+def main() -> None:
+    demo = build_app()
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), css=CSS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Running a training in the background for an interactive front end: progress as a stream, cancel, friendly errors.
+
+Also the per-session workspaces (each browser session trains into its own folder; old folders are removed) and the
+time estimate shown before a run starts. No gradio here: the app turns these into widgets.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifacts import ArtifactError, ArtifactInfo, read_artifact
+from .config import ConfigError, TrainingConfig
+from .images import ImageError, SubjectImages
+from .progress import CancelFlag, ProgressEvent, TrainingCancelled
+from .tokens import TriggerError
+
+# Measured or estimated seconds per step for SD-1.5 at 512 px and for the mini model on CPU.
+# GPU rows: H200 figures measured in ../shared/brief/physics.md (bs4 cached); other GPUs scaled by their bf16/fp16
+# throughput relative to the H200 (A100 ~0.4x, A10G ~0.16x, T4 ~0.08x, L4 ~0.15x). Replace with benchmark numbers.
+STEP_SECONDS = {
+    # hardware: (embedding step, U-Net full step, U-Net LoRA step, sample image)
+    "h200": (0.121, 0.098, 0.170, 1.06),
+    "h100": (0.140, 0.115, 0.195, 1.25),
+    "a100": (0.300, 0.250, 0.420, 2.7),
+    "a10g": (0.75, 0.65, 1.05, 6.5),
+    "l4": (0.80, 0.70, 1.10, 7.0),
+    "t4": (1.50, 1.40, 2.10, 13.0),
+    "cpu-mini": (0.09, 0.11, 0.10, 0.6),
+    # SD-1.5 on a CPU (offline.md: one full 512 px step ~45 s): possible, never sensible.
+    "cpu": (40.0, 45.0, 45.0, 60.0),
+}
+MODEL_LOAD_SECONDS = {"cpu-mini": 3.0}
+DEFAULT_LOAD_SECONDS = 25.0
+
+
+def hardware_key(device_name: str, base_model: str) -> str:
+    """Which row of :data:`STEP_SECONDS` describes this device (unknown GPUs count as A10G)."""
+    from .device import BUNDLED_MINI_MODEL
+
+    name = device_name.lower()
+    if name.startswith("cpu"):
+        return "cpu-mini" if base_model == BUNDLED_MINI_MODEL else "cpu"
+    for key in ("h200", "h100", "a100", "a10g", "l4", "t4"):
+        if key in name:
+            return key
+    return "a10g"
+
+
+def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) -> float:
+    """Rough wall time of a run (load, class images, stages, samples) from per-step costs."""
+    config = config.resolved()
+    key = hardware_key(device_name, base_model)
+    embed, full, lora, image = STEP_SECONDS[key]
+    unet_step = lora if config.uses_lora else full
+    seconds = MODEL_LOAD_SECONDS.get(key, DEFAULT_LOAD_SECONDS)
+    seconds += (config.stage1_steps or 0) * embed
+    stage2 = (config.stage2_steps or 0) * unet_step
+    if config.prior_preservation:
+        stage2 *= 1.6  # instance + class batch
+        seconds += config.class_images * image
+    seconds += stage2 + config.sample_count * image
+    if key.startswith("cpu"):
+        return seconds
+    # Steps scale with pixels; SD-1.5's own 512 px is the reference.
+    return seconds * ((config.resolution or 512) / 512) ** 2 if config.resolution else seconds
+
+
+def describe_failure(error: BaseException) -> str:
+    """One readable sentence, with what to try, for any failure of a run."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, TrainingCancelled):
+        return "Training was cancelled; nothing was written."
+    if isinstance(error, ConfigError | ImageError | TriggerError | ArtifactError):
+        return text
+    if "out of memory" in text.lower() or type(error).__name__ == "OutOfMemoryError":
+        return ("The GPU ran out of memory. Try LoRA instead of the full U-Net, turn on gradient checkpointing and "
+                "8-bit Adam, or lower the batch size or the resolution.")
+    if isinstance(error, FloatingPointError):
+        return text
+    if isinstance(error, OSError) and ("repos" in text or "huggingface" in text.lower() or "connect" in text.lower()):
+        return f"The base model could not be loaded ({text[:160]}). Check the model id and the network."
+    return f"Training failed: {type(error).__name__}: {text[:200]}"
+
+
+@dataclass
+class TrainingJob:
+    """One training in a background thread. Iterate :meth:`events` to follow it; :meth:`cancel` to stop it."""
+
+    config: TrainingConfig
+    subject_images: SubjectImages
+    output_dir: Path
+    cancel_flag: CancelFlag = field(default_factory=CancelFlag)
+    error: BaseException | None = None
+    result: object | None = None
+    _events: queue.Queue = field(default_factory=queue.Queue)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> TrainingJob:
+        from .trainer import train  # importing jobs stays light for the UI
+
+        def work() -> None:
+            try:
+                self.result = train(self.config, self.subject_images, self.output_dir, progress=self._events.put,
+                                    cancel=self.cancel_flag)
+            except BaseException as error:  # reported to the UI, never raised in the worker thread
+                self.error = error
+            finally:
+                self._events.put(None)
+
+        self._thread = threading.Thread(target=work, name="training", daemon=True)
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self.cancel_flag.cancel()
+
+    def events(self, poll_seconds: float = 0.25) -> Iterator[ProgressEvent]:
+        """Progress events until the run ends; only the newest of a burst is kept, plus every preview."""
+        while True:
+            try:
+                event = self._events.get(timeout=poll_seconds)
+            except queue.Empty:
+                continue
+            if event is None:
+                return
+            while True:  # drain: a slow UI should show the latest step, not lag behind
+                try:
+                    newer = self._events.get_nowait()
+                except queue.Empty:
+                    break
+                if newer is None:
+                    self._events.put(None)
+                    break
+                if event.preview is not None and newer.preview is None:
+                    newer.preview = event.preview
+                event = newer
+            yield event
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def failure_message(self) -> str | None:
+        return None if self.error is None else describe_failure(self.error)
+
+
+class Workspace:
+    """A browser session's own folder of runs under a shared root; folders untouched for ``max_age_hours`` go."""
+
+    def __init__(self, root: Path, session_id: str | None = None) -> None:
+        self.root = Path(root)
+        self.session_id = session_id or uuid.uuid4().hex[:12]
+        self.folder = self.root / self.session_id
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def new_run_dir(self, label: str) -> Path:
+        slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40] or "run"
+        return self.folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{uuid.uuid4().hex[:4]}"
+
+    def runs(self) -> list[ArtifactInfo]:
+        """Completed runs of this session, newest first (partial folders are skipped)."""
+        found = []
+        for path in sorted(self.folder.iterdir(), reverse=True):
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            try:
+                found.append(read_artifact(path))
+            except ArtifactError:
+                continue
+        return found
+
+    @staticmethod
+    def clean_old(root: Path, max_age_hours: float = 24.0) -> int:
+        """Remove session folders not modified for ``max_age_hours``; returns how many were removed."""
+        root = Path(root)
+        if not root.is_dir():
+            return 0
+        cutoff = time.time() - max_age_hours * 3600
+        removed = 0
+        for path in root.iterdir():
+            if path.is_dir() and _newest_mtime(path) < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def _newest_mtime(folder: Path) -> float:
+    newest = folder.stat().st_mtime
+    for path in folder.rglob("*"):
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except OSError:
+            continue
+    return newest
