@@ -531,8 +531,9 @@ def build_app(services: Services | None = None) -> gr.Blocks:
                 hub_parts = build_hub_tab(services, session)
         train["run_event"].then(generate["refresh"], session, generate["source"], api_visibility="undocumented")
         train["run_event"].then(generate["refresh"], session, hub_parts["run"], api_visibility="undocumented")
-        generate_tab.select(generate["refresh"], session, generate["source"], queue=False, api_visibility="undocumented")
-        hub_tab.select(generate["refresh"], session, hub_parts["run"], queue=False, api_visibility="undocumented")
+        hidden = {"queue": False, "api_visibility": "undocumented"}
+        generate_tab.select(generate["refresh"], session, generate["source"], **hidden)
+        hub_tab.select(generate["refresh"], session, hub_parts["run"], **hidden)
         demo.load(train["show_estimate"], train["estimate_inputs"], train["estimate"],
                   api_visibility="undocumented")
     return demo
