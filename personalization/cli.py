@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-images", type=int, default=1)
     generate.add_argument("--base-model", help="override the base model recorded in the artifact")
     generate.add_argument("--token", help="Hugging Face token for private repos (default: $HF_TOKEN)")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score an artifact: CLIP-I, CLIP-T, DINO and drift (mini world: the analytic checker)")
+    evaluate.add_argument("--artifact", required=True, type=Path, help="artifact folder")
+    evaluate.add_argument("--references", required=True, type=Path, help="folder of the subject's real photos")
+    evaluate.add_argument("--prompts", choices=("object", "live"), default="object",
+                          help="DreamBooth prompt list: objects or live subjects")
+    evaluate.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    evaluate.add_argument("--steps", type=int, default=25)
+    evaluate.add_argument("--guidance", type=float, default=5.0)
+    evaluate.add_argument("--max-prompts", type=int, help="only the first N prompts of the list")
+    evaluate.add_argument("--base-model", help="override the base model recorded in the artifact")
+    evaluate.add_argument("--clip-model", default=None, help="CLIP model id or folder")
+    evaluate.add_argument("--dino-model", default=None, help="DINO ViT-S/16 model id or folder")
+    evaluate.add_argument("--out", type=Path, help="write the report as JSON")
     return parser
 
 
@@ -178,6 +193,44 @@ def quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .artifacts import read_artifact
+    from .device import BUNDLED_MINI_MODEL
+    from .generation import Generator
+    from .images import load_subject_images
+
+    info = read_artifact(args.artifact)
+    base = args.base_model or info.base_model
+    resolution = int(info.config.get("resolution") or 512)
+    references = load_subject_images(args.references, resolution).images
+    generator = Generator()
+    if base == BUNDLED_MINI_MODEL:
+        from .mini_world.scoring import score_personalization
+
+        scores = score_personalization(generator, args.artifact, references, seeds=args.seeds, steps=args.steps,
+                                       guidance_scale=args.guidance, base_model=base).as_dict()
+        print("| " + " | ".join(scores) + " |")
+        print("|" + "---|" * len(scores))
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in scores.values()) + " |")
+        report_json = json.dumps(scores, indent=2)
+    else:
+        from .evaluation import CLIP_MODEL_ID, DINO_MODEL_ID, FeatureModels, evaluate_artifact
+
+        models = FeatureModels(args.clip_model or CLIP_MODEL_ID, args.dino_model or DINO_MODEL_ID)
+        report = evaluate_artifact(args.artifact, references, prompt_kind=args.prompts, seeds=args.seeds,
+                                   steps=args.steps, guidance_scale=args.guidance, base_model=base, models=models,
+                                   generator=generator, max_prompts=args.max_prompts)
+        print(report.table())
+        report_json = report.to_json()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report_json + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -186,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
         return run_generate(args)
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
