@@ -18,9 +18,15 @@ from typing import Any
 import gradio as gr
 
 from personalization import hub
-from personalization.artifacts import ArtifactError, read_artifact
+from personalization.artifacts import ArtifactError, ArtifactInfo, read_artifact
 from personalization.config import PRESETS, ConfigError, TrainingConfig
-from personalization.device import BUNDLED_MINI_MODEL, SD15_HUB_ID, default_base_model, resolve_base_model_path
+from personalization.device import (
+    BUNDLED_MINI_MODEL,
+    SD15_HUB_ID,
+    default_base_model,
+    portable_base_model,
+    resolve_base_model_path,
+)
 from personalization.generation import GenerationRequest, Generator
 from personalization.images import ImageError, SubjectImages, sort_subject_images
 from personalization.jobs import TrainingJob, Workspace, describe_failure, estimate_seconds
@@ -262,9 +268,9 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         return (f"Estimated time on **{html.escape(services.hardware)}**: about **{format_seconds(seconds)}** "
                 f"({config.stage1_steps} + {config.stage2_steps} steps).")
 
-    def start_training(data: dict):
-        session_value = get_session(data.get(session))
-        values = named(data)
+    def start_training(session_value: Session | None, **values: Any):
+        """The form comes as named values (the `/train` API takes them by name: class_noun, stage1_steps, …)."""
+        session_value = get_session(session_value)
         if session_value.job is not None and session_value.job.result is None and session_value.job.error is None:
             yield progress_html(None, "A training is already running in this session."), None, "", session_value
             return
@@ -310,10 +316,10 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         control.change(show_estimate, {*form.values(), session}, estimate, queue=False, api_visibility="undocumented")
     upload["trigger"].change(lambda t, m: check_trigger_text(services, t, m), [upload["trigger"], method],
                              upload["trigger_status"], queue=False, api_visibility="undocumented")
-    def gpu_seconds(data: dict) -> int:
+    def gpu_seconds(session_value: Session | None, **values: Any) -> int:
         """ZeroGPU time to ask for: the estimate plus half again, within what ZeroGPU allows."""
         try:
-            config = form_to_config(named(data), get_session(data.get(session)))
+            config = form_to_config(values, get_session(session_value))
             estimate = estimate_seconds(config, "NVIDIA H200", config.base_model or services.default_base)
         except (ConfigError, ValueError, TypeError):
             return 60
@@ -324,7 +330,7 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         import spaces  # present on ZeroGPU Spaces only
 
         train_function = spaces.GPU(duration=gpu_seconds)(start_training)
-    run_event = start.click(train_function, {*form.values(), session}, [status, preview, result, session],
+    run_event = start.click(train_function, [session], [status, preview, result, session], inputs_kwargs=form,
                             api_name="train", concurrency_limit=1, concurrency_id="gpu")
     cancel.click(cancel_training, session, status, api_name="cancel", queue=False)
     return {"run_event": run_event, "estimate": estimate, "show_estimate": show_estimate,
@@ -353,7 +359,19 @@ def resolve_source(session: Session, choice: str) -> Path:
     return folder
 
 
-def build_generate_tab(services: Services, session: gr.State):
+def base_for(info: ArtifactInfo, selected: str | None) -> str | None:
+    """The base model to apply an artifact on: None (its recorded Hub id or the bundled model), or the Base model
+    dropdown's choice when the artifact was trained on a local folder, which only records `local:<folder name>`."""
+    recorded = info.base_model
+    if not recorded.startswith("local:"):
+        return None if recorded else selected or None
+    if selected and portable_base_model(selected) == recorded:
+        return selected
+    raise ArtifactError(f"{info.folder.name} was trained on a local base model ({recorded.removeprefix('local:')}): "
+                        "choose that folder as the Base model to use it")
+
+
+def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.Dropdown):
     with gr.Row():
         source = gr.Dropdown([], label="Model: a run of this session or a loaded Hub repo", elem_id="source")
         refresh = gr.Button("↻ Refresh", size="sm")
@@ -403,7 +421,8 @@ def build_generate_tab(services: Services, session: gr.State):
         return f"Loaded `{repo}`.", gr.update(choices=choices, value=f"hub:{repo}"), session_value
 
     def generate(choice: str | None, prompt_text: str, negative_text: str, seed_value: float, steps_value: float,
-                 guidance_value: float, scale: float, images: float, session_value: Session | None):
+                 guidance_value: float, scale: float, images: float, base_model: str | None,
+                 session_value: Session | None):
         if session_value is None or not choice:
             raise gr.Error("Train a model or load one from the Hub first.")
         try:
@@ -413,7 +432,8 @@ def build_generate_tab(services: Services, session: gr.State):
                                         lora_scale=float(scale), num_images=int(images))
             request.validate()
             with services.gpu_lock if ZERO_GPU else _null_lock():
-                info = services.generator.apply(folder)
+                base = base_for(read_artifact(folder), base_model)
+                info = services.generator.apply(folder, base_model=base)
                 request.resolution = info.config.get("resolution")
                 personal = services.generator.generate(request)
                 base = services.generator.generate(request, personalized=False)
@@ -427,7 +447,7 @@ def build_generate_tab(services: Services, session: gr.State):
     source.change(choose, [session, source], prompt, queue=False, api_visibility="undocumented")
     load_repo.click(load_from_hub, [repo_id, hub_token, session], [load_status, source, session],
                     api_name="load_from_hub")
-    go.click(generate, [source, prompt, negative, seed, steps, guidance, lora_scale, count, session],
+    go.click(generate, [source, prompt, negative, seed, steps, guidance, lora_scale, count, base_dropdown, session],
              [base_gallery, personal_gallery], api_name="generate", concurrency_limit=1, concurrency_id="generate")
     return {"source": source, "refresh": refresh_choices, "prompt": prompt}
 
@@ -526,7 +546,7 @@ def build_app(services: Services | None = None) -> gr.Blocks:
             with gr.Tab("2 · Train", id="train"):
                 train = build_train_tab(services, session, base_model, upload)
             with gr.Tab("3 · Generate", id="generate") as generate_tab:
-                generate = build_generate_tab(services, session)
+                generate = build_generate_tab(services, session, base_model)
             with gr.Tab("4 · Hub", id="hub") as hub_tab:
                 hub_parts = build_hub_tab(services, session)
         train["run_event"].then(generate["refresh"], session, generate["source"], api_visibility="undocumented")

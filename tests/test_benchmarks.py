@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,5 @@ def test_speed_benchmark_prints_its_table(tmp_path):
     assert "| two_stage (lora) | stage 2 · U-Net lora |" in result.stdout
     assert "| reference: diffusers DreamBooth step |" in result.stdout
     assert "commit" in result.stdout and "64 px" in result.stdout
-    import json
-
     rows = json.loads(out.read_text())["rows"]
     assert all(row["ms_per_step"] > 0 for row in rows)
