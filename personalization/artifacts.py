@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -61,6 +62,34 @@ def save_embedding(folder: Path, trigger_token: str, vector: torch.Tensor) -> Pa
     path = folder / EMBEDDINGS_FILE
     save_file({trigger_token: tensor}, str(path))
     return path
+
+
+def webui_name(trigger_token: str) -> str:
+    """A file-name stem from the trigger (never from a path): ``<my-dog>`` -> ``my-dog``."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", trigger_token).strip("-_")
+    return stem or "subject"
+
+
+def save_webui_copies(folder: Path, trigger_token: str, vector: torch.Tensor | None,
+                      unet_lora_layers: dict[str, torch.Tensor] | None) -> list[Path]:
+    """Copies for AUTOMATIC1111 / ComfyUI users: the embedding as ``<name>_emb.safetensors`` ({"emb_params": ...})
+    and the LoRA in kohya naming as ``<name>_lora_kohya.safetensors``. Diffusers ignores both files."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+
+    stem = webui_name(trigger_token)
+    written = []
+    if vector is not None:
+        tensor = vector.detach().to("cpu", torch.float32).reshape(-1, vector.shape[-1]).contiguous()
+        path = folder / f"{stem}_emb.safetensors"
+        save_file({"emb_params": tensor}, str(path))
+        written.append(path)
+    if unet_lora_layers:
+        peft_layers = convert_unet_state_dict_to_peft(dict(unet_lora_layers))
+        kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_layers.items()})
+        path = folder / f"{stem}_lora_kohya.safetensors"
+        save_file({key: value.contiguous() for key, value in kohya.items()}, str(path))
+        written.append(path)
+    return written
 
 
 def load_embedding(folder: Path) -> tuple[str, torch.Tensor]:

@@ -99,6 +99,14 @@ def build_model_card(
     else:
         base_text = f"a local base model ({base})"
         base_for_code = "PATH/TO/BASE_MODEL"
+    stem = artifacts.webui_name(config.trigger_token or "")
+    webui_files = []
+    if config.learns_token:
+        webui_files.append(f"`{stem}_emb.safetensors` (embedding; in AUTOMATIC1111 its file name is the trigger)")
+    if config.uses_lora:
+        webui_files.append(f"`{stem}_lora_kohya.safetensors` (LoRA in kohya naming)")
+    webui = ("## AUTOMATIC1111 / ComfyUI\n\nAlso in this repo: " + " and ".join(webui_files) + ".\n") if webui_files \
+        else ""
     samples = "\n".join(f"![sample {i}]({artifacts.SAMPLES_DIR}/{name})" for i, name in enumerate(sample_names))
     body = f"""
 # {config.trigger_token} {config.class_noun}
@@ -121,6 +129,7 @@ A personalized text-to-image model: it knows one specific **{config.class_noun}*
 {diffusers_snippet(config, repo_id, base_for_code)}
 ```
 
+{webui}
 ## Samples
 
 {samples or "(no samples were rendered)"}

@@ -536,10 +536,12 @@ def _write_samples(comps: Components, config: TrainingConfig, folder: Path, canc
 
 def _write_weights(comps: Components, config: TrainingConfig, recipe: Recipe, trigger_id: int | None,
                    folder: Path) -> None:
+    vector = None
     if recipe.learns_token and trigger_id is not None:
         vector = comps.text_encoder.get_input_embeddings().weight[trigger_id]
         artifacts.save_embedding(folder, config.trigger_token or "", vector)
     if not config.trains_unet:
+        artifacts.save_webui_copies(folder, config.trigger_token or "", vector, None)
         return
     if config.uses_lora:
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -550,7 +552,9 @@ def _write_weights(comps: Components, config: TrainingConfig, recipe: Recipe, tr
             folder, unet_lora_layers=unet_layers,
             unet_lora_adapter_metadata=comps.unet.peft_config["default"].to_dict(),
         )
+        artifacts.save_webui_copies(folder, config.trigger_token or "", vector, unet_layers)
         return
+    artifacts.save_webui_copies(folder, config.trigger_token or "", vector, None)
     comps.unet.to(torch.float16).save_pretrained(folder / artifacts.UNET_DIR)
     if config.train_text_encoder:
         comps.text_encoder.to(torch.float16).save_pretrained(folder / artifacts.TEXT_ENCODER_DIR)

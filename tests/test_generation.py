@@ -115,3 +115,21 @@ def test_local_base_must_be_given(trained):
     generator = Generator(device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(ValueError, match="trained on a local base model"):
         generator.apply(trained["textual_inversion"])
+
+
+def test_webui_copies_load_and_match(trained, tiny_base):
+    """The kohya-named LoRA copy loads in diffusers to the same image; the A1111 embedding holds emb_params."""
+    from safetensors.torch import load_file
+
+    folder = trained["two_stage_lora"]
+    embedding = load_file(str(folder / "my-box_emb.safetensors"))
+    assert list(embedding) == ["emb_params"] and embedding["emb_params"].shape == (1, 32)
+    assert not (trained["two_stage_full"] / "my-box_lora_kohya.safetensors").exists()
+
+    def render(weight_name):
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), torch_dtype=torch.float32)
+        pipe.load_lora_weights(str(folder), weight_name=weight_name)
+        generator = torch.Generator("cpu").manual_seed(2)
+        return np.asarray(pipe("a photo of a box", num_inference_steps=3, generator=generator).images[0])
+
+    assert np.array_equal(render("my-box_lora_kohya.safetensors"), render("pytorch_lora_weights.safetensors"))
