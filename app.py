@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from personalization import hub
-from personalization.artifacts import ArtifactError, ArtifactInfo, read_artifact
+from personalization.artifacts import CARD_FILE, ArtifactError, ArtifactInfo, read_artifact
 from personalization.config import PRESETS, ConfigError, TrainingConfig
 from personalization.device import (
     BUNDLED_MINI_MODEL,
@@ -299,7 +299,7 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         info = read_artifact(output)
         seconds = job.result.seconds_training if job.result is not None else 0.0
         message = (f"✅ Trained **{METHOD_LABELS[config.method]}** in {format_seconds(seconds)}. "
-                   f"Use **`{info.instance_prompt}`** in your prompts.\n\nSaved to `{output}` — "
+                   f"Use **`{info.instance_prompt}`** in your prompts.\n\nSaved as run `{output.name}` — "
                    "open the Generate tab to try it, the Hub tab to push it.")
         yield progress_html(None, "Done."), last_preview, message, session_value
 
@@ -373,7 +373,10 @@ def base_for(info: ArtifactInfo, selected: str | None) -> str | None:
 
 def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.Dropdown):
     with gr.Row():
-        source = gr.Dropdown([], label="Model: a run of this session or a loaded Hub repo", elem_id="source")
+        # Custom values let API clients name a run they just trained (the choices refresh only in the browser);
+        # resolve_source() checks every value against this session's own runs.
+        source = gr.Dropdown([], label="Model: a run of this session or a loaded Hub repo", elem_id="source",
+                             allow_custom_value=True)
         refresh = gr.Button("↻ Refresh", size="sm")
     with gr.Row():
         repo_id = gr.Textbox(label="…or a Hub repo id", placeholder="user/my-dog", elem_id="hub-repo-id")
@@ -415,7 +418,7 @@ def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.
             folder = hub.download_repo(repo, hub.resolve_token(token or (oauth_token.token if oauth_token else None)))
             read_artifact(folder)
         except (hub.HubError, ArtifactError) as error:
-            return f"⚠️ {html.escape(str(error))}", gr.update(), session_value
+            return f"⚠️ {html.escape(str(error), quote=False)}", gr.update(), session_value
         session_value.hub_folders[repo] = str(folder)
         choices = run_choices(session_value)
         return f"Loaded `{repo}`.", gr.update(choices=choices, value=f"hub:{repo}"), session_value
@@ -470,7 +473,7 @@ def build_hub_tab(services: Services, session: gr.State):
         token = gr.Textbox(label="Hugging Face write token (or sign in / set HF_TOKEN)", type="password",
                            elem_id="hub-token")
     with gr.Row():
-        run = gr.Dropdown([], label="Run to push", elem_id="push-run")
+        run = gr.Dropdown([], label="Run to push", elem_id="push-run", allow_custom_value=True)  # see `source`
         repo_name = gr.Textbox(label="Repo name", elem_id="repo-name")
         private = gr.Checkbox(True, label="Private")
     push = gr.Button("Push to the Hub", variant="primary", elem_id="push")
@@ -491,12 +494,18 @@ def build_hub_tab(services: Services, session: gr.State):
             return "⚠️ No token: sign in with Hugging Face, paste a write token, or set HF_TOKEN."
         try:
             folder = resolve_source(session_value, choice)
-            owner = hub.whoami(token_value)
-            slug = hub.slugify_repo_name(name or folder.name)
-            set_repo_id(folder, f"{owner}/{slug}")
-            url = hub.push_folder(folder, slug, token_value, private=bool(is_private))
-        except (hub.HubError, ArtifactError) as error:
-            return f"⚠️ {html.escape(str(error))} (your local run is kept; you can retry)"
+            name = (name or folder.name).strip().strip("/")
+            owner, _, bare = name.rpartition("/")  # "org/name" pushes to that namespace, a bare name to the token's
+            repo_id = f"{owner or hub.whoami(token_value)}/{hub.slugify_repo_name(bare)}"
+            card = folder / CARD_FILE
+            original_card = card.read_bytes()
+            try:  # the card names the repo it is pushed to; the local run keeps its own card, pushed or not
+                set_repo_id(folder, repo_id)
+                url = hub.push_folder(folder, repo_id, token_value, private=bool(is_private))
+            finally:
+                card.write_bytes(original_card)
+        except (hub.HubError, ArtifactError, OSError) as error:
+            return f"⚠️ {html.escape(str(error), quote=False)} (your local run is kept; you can retry)"
         return f"✅ Pushed to [{url}]({url}) ({'private' if is_private else 'public'})."
 
     run.change(choose_run, [session, run], repo_name, queue=False, api_visibility="undocumented")

@@ -67,9 +67,9 @@ def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) 
         stage2 *= 1.6  # instance + class batch
         seconds += config.class_images * image
     seconds += stage2 + config.sample_count * image
-    if key.startswith("cpu"):
+    if key == "cpu-mini":
         return seconds
-    # Steps scale with pixels; SD-1.5's own 512 px is the reference.
+    # Steps scale with pixels; SD-1.5's own 512 px is the reference (other bases on a CPU are costed as SD-1.5).
     return seconds * ((config.resolution or 512) / 512) ** 2 if config.resolution else seconds
 
 

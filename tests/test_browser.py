@@ -1,0 +1,151 @@
+"""The app in a real browser: Debian's chromium, driven by Playwright, clicks through Upload, Train, Generate and Hub.
+
+It also saves the screenshots the README shows (docs/screenshots/*.png). Needs `/usr/bin/chromium`
+(`apt-get install chromium`; scripts/test.sh installs it); set SKIP_BROWSER_TESTS=1 to skip on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.test_app import TOKEN, Served, assert_no_token, assert_no_token_in_files, running_app
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1280, "height": 900}
+TIMEOUT_MS = 60_000
+
+
+def duck_photos(folder: Path, count: int = 4, size: int = 192) -> list[Path]:
+    """A few 'photos' of one subject (a yellow toy duck) at different places and sizes, on a soft backdrop."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = []
+    for index in range(count):
+        shade = np.linspace(0, 1, size)[:, None, None]
+        top, bottom = np.array([170, 205, 235]) - 10 * index, np.array([235, 225, 200])
+        image = Image.fromarray((top * (1 - shade) + bottom * shade).repeat(size, axis=1).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        scale = rng.uniform(0.8, 1.1) * size / 192
+        x, y = rng.uniform(20, 60) * size / 192, rng.uniform(40, 70) * size / 192
+
+        def box(left: float, upper: float, right: float, lower: float) -> tuple[float, float, float, float]:
+            return x + left * scale, y + upper * scale, x + right * scale, y + lower * scale  # noqa: B023
+
+        draw.ellipse(box(0, 50, 120, 120), fill=(250, 205, 40), outline=(200, 150, 20), width=2)  # body
+        draw.ellipse(box(70, 0, 125, 55), fill=(250, 205, 40), outline=(200, 150, 20), width=2)  # head
+        draw.polygon([box(118, 22, 118, 22)[:2], box(150, 30, 150, 30)[:2], box(118, 38, 118, 38)[:2]],
+                     fill=(240, 120, 30))  # beak
+        draw.ellipse(box(98, 16, 108, 26), fill=(30, 30, 30))  # eye
+        draw.ellipse(box(20, 65, 75, 95), fill=(235, 185, 30))  # wing
+        path = folder / f"duck_{index}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def browser_app(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    if os.environ.get("SKIP_BROWSER_TESTS") == "1":
+        pytest.skip("SKIP_BROWSER_TESTS=1")
+    if not CHROMIUM.is_file():
+        pytest.fail(f"the browser tests need Debian's chromium at {CHROMIUM}: `apt-get install -y chromium` "
+                    "(scripts/test.sh does it), or set SKIP_BROWSER_TESTS=1 to skip them", pytrace=False)
+    with running_app(tiny_base, tmp_path_factory.mktemp("browser-app")) as running:
+        yield running
+
+
+def test_click_through_upload_train_generate_and_push(
+    browser_app: Served, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    caplog.set_level(logging.DEBUG)
+
+    photos = duck_photos(tmp_path / "photos")
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            viewport=VIEWPORT, device_scale_factor=1,
+        )
+        try:
+            context.set_default_timeout(TIMEOUT_MS)
+            page = context.pages[0] if context.pages else context.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(browser_app.url)
+
+            # 1 · Upload
+            page.locator("#subject-files input[type=file]").set_input_files([str(p) for p in photos])
+            expect(page.locator("#upload-status")).to_contain_text("4 image(s) ready")
+            expect(page.locator("#prepared-gallery img")).to_have_count(4)
+            page.locator("#class-noun textarea, #class-noun input").first.fill("duck")
+            page.screenshot(path=shots / "upload.png", full_page=True)
+
+            # 2 · Train
+            page.get_by_role("tab", name="2 · Train").click()
+            page.get_by_text("Hyperparameters (prefilled by the preset)").click()
+            for label, value in (("Stage 1 / TI steps", "2"), ("U-Net steps", "2"),
+                                 ("Preview every N steps (0: off)", "2")):
+                field = page.get_by_label(label, exact=True)
+                field.fill(value)
+                field.press("Tab")
+            expect(page.locator("#estimate")).to_contain_text("(2 + 2 steps)")
+            page.locator("#start-training").click()
+            expect(page.locator("#train-result")).to_contain_text("Trained", timeout=120_000)
+            expect(page.locator("#train-progress")).to_contain_text("Done.")
+            expect(page.locator("#train-preview img")).to_have_count(1)  # the last preview stays up
+            prompt = re.search(r"a photo of a \S+ duck", page.locator("#train-result").inner_text())
+            assert prompt is not None
+            page.screenshot(path=shots / "train.png", full_page=True)
+
+            # 3 · Generate: the new run is already chosen and the prompt suggested
+            page.get_by_role("tab", name="3 · Generate").click()
+            expect(page.locator("#prompt textarea")).to_have_value(f"{prompt.group(0)} on the beach")
+            page.locator("#generate").click()
+            expect(page.locator("#personal-gallery img")).to_have_count(2, timeout=120_000)
+            expect(page.locator("#base-gallery img")).to_have_count(2)
+            page.screenshot(path=shots / "generate.png", full_page=True)
+
+            # 4 · Hub
+            page.get_by_role("tab", name="4 · Hub").click()
+            expect(page.locator("#repo-name textarea, #repo-name input").first).to_have_value(
+                re.compile(r"duck-.+-two_stage"))
+            page.locator("#hub-token input, #hub-token textarea").first.fill(TOKEN)
+            page.locator("#push").click()
+            link = page.locator("#push-status a")
+            expect(link).to_have_attribute("href", re.compile(rf"^{re.escape(browser_app.hub.endpoint)}/alice/duck-"))
+            expect(page.locator("#push-status")).to_contain_text("Pushed to")
+            page.screenshot(path=shots / "hub.png", full_page=True)
+            page_html = page.content()
+        finally:
+            context.close()
+
+    assert errors == []
+    out, err = capfd.readouterr()
+    assert_no_token(page_html, out, err, "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records))
+    assert_no_token_in_files(browser_app)
+    assert len(browser_app.hub.repos) == 1
+    (repo_id, repo), = browser_app.hub.repos.items()
+    assert repo_id.startswith("alice/duck-") and repo.private and "training_config.json" in repo.files
+    for name in ("upload", "train", "generate", "hub"):
+        shot = Image.open(shots / f"{name}.png")
+        assert shot.width == VIEWPORT["width"] and shot.height >= 600
+    # The README's pictures change only on request (UPDATE_SCREENSHOTS=1), after a complete run.
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for name in ("upload", "train", "generate", "hub"):
+            shutil.copyfile(shots / f"{name}.png", SCREENSHOTS / f"{name}.png")
