@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from personalization import hub
 from personalization.artifacts import CARD_FILE, ArtifactError, ArtifactInfo, read_artifact
@@ -97,6 +98,14 @@ def hardware_name() -> str:
     return choose_placement().describe()
 
 
+def for_display(image: Image.Image, minimum: int = 256) -> Image.Image:
+    """Small model outputs (the mini model draws 32 px) blown up with hard pixel edges, so they can be seen."""
+    if image.width >= minimum:
+        return image
+    factor = -(-minimum // image.width)
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
 # ---- Upload tab ------------------------------------------------------------------------------------------------------
 def example_subjects() -> dict[str, Path]:
     return {p.name.replace("_", " "): p for p in sorted(EXAMPLES_DIR.glob("*")) if (p / "subject.json").is_file()}
@@ -115,7 +124,7 @@ def prepare_images(files: list[str] | None, base_model: str, session: Session | 
     lines += [f"- note: {html.escape(n)}" for n in kept.notes]
     if not paths:
         lines = ["Upload 3–10 photos of your subject (or pick an example)."]
-    gallery = [(image, name) for image, name in zip(kept.images, kept.names, strict=True)]
+    gallery = [(for_display(image), name) for image, name in zip(kept.images, kept.names, strict=True)]
     return gallery, "\n".join(lines), session
 
 
@@ -290,7 +299,7 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
             job.start()
             last_preview = None
             for event in job.events():
-                last_preview = event.preview or last_preview
+                last_preview = for_display(event.preview) if event.preview is not None else last_preview
                 yield progress_html(event), last_preview, "", session_value
             job.wait()
         if job.error is not None:
@@ -443,8 +452,8 @@ def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.
         except (ArtifactError, ValueError) as error:
             raise gr.Error(str(error)) from None
         base_prompt = strip_trigger(prompt_text, info.trigger_token)
-        return ([(im, f"base · {base_prompt}") for im in base],
-                [(im, f"seed {request.seed + i}") for i, im in enumerate(personal)])
+        return ([(for_display(im), f"base · {base_prompt}") for im in base],
+                [(for_display(im), f"seed {request.seed + i}") for i, im in enumerate(personal)])
 
     refresh.click(refresh_choices, session, source, queue=False, api_visibility="undocumented")
     source.change(choose, [session, source], prompt, queue=False, api_visibility="undocumented")
