@@ -136,7 +136,7 @@ def run_train(args: argparse.Namespace) -> int:
         if event.total_steps == 0:
             return
         if bar is None:
-            bar = tqdm(total=event.total_steps, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=event.total_steps, unit="step", dynamic_ncols=True, mininterval=0.5, disable=None)
         bar.set_description(event.stage)
         if event.loss is not None:
             bar.set_postfix(loss=f"{event.loss:.4f}")
