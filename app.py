@@ -32,7 +32,7 @@ from personalization.generation import GenerationRequest, Generator
 from personalization.images import ImageError, SubjectImages, sort_subject_images
 from personalization.jobs import TrainingJob, Workspace, describe_failure, estimate_seconds
 from personalization.model_card import set_repo_id
-from personalization.progress import ProgressEvent, format_seconds
+from personalization.progress import CancelFlag, ProgressEvent, format_seconds
 from personalization.tokens import check_trigger, strip_trigger, suggest_trigger
 
 ROOT = Path(__file__).resolve().parent
@@ -278,44 +278,51 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
                 f"({config.stage1_steps} + {config.stage2_steps} steps).")
 
     def start_training(session_value: Session | None, **values: Any):
-        """The form comes as named values (the `/train` API takes them by name: class_noun, stage1_steps, …)."""
-        session_value = get_session(session_value)
-        if session_value.job is not None and session_value.job.result is None and session_value.job.error is None:
-            yield progress_html(None, "A training is already running in this session."), None, "", session_value
+        """The form comes as named values (the `/train` API takes them by name: class_noun, stage1_steps, …).
+
+        The session is changed in place and not returned: under ZeroGPU this runs in a forked worker whose results
+        are pickled back, and a session holding a running job cannot be pickled.
+        """
+        if session_value is None or session_value.subject is None or not len(session_value.subject):
+            yield progress_html(None, "Upload subject images first (Upload tab)."), None, ""
             return
-        if session_value.subject is None or not len(session_value.subject):
-            yield progress_html(None, "Upload subject images first (Upload tab)."), None, "", session_value
+        job = session_value.job
+        if job is not None and job.result is None and job.error is None:
+            yield progress_html(None, "A training is already running in this session."), None, ""
             return
         try:
             config = form_to_config(values, session_value)
         except (ConfigError, ImageError, ValueError, TypeError) as error:
-            yield progress_html(None, f"Invalid settings: {error}"), None, "", session_value
+            yield progress_html(None, f"Invalid settings: {error}"), None, ""
             return
         output = session_value.workspace.new_run_dir(f"{config.method}-{config.class_noun}")
-        job = TrainingJob(config, session_value.subject, output)
+        cancel_flag = CancelFlag(session_value.workspace.cancel_file)
+        cancel_flag.reset()
+        job = TrainingJob(config, session_value.subject, output, cancel_flag=cancel_flag)
         session_value.job = job
-        yield progress_html(None, "Loading the base model…"), None, "", session_value
+        yield progress_html(None, "Loading the base model…"), None, ""
+        last_preview = None
         with services.gpu_lock:  # one training per GPU; the queue shows others their place
             job.start()
-            last_preview = None
             for event in job.events():
                 last_preview = for_display(event.preview) if event.preview is not None else last_preview
-                yield progress_html(event), last_preview, "", session_value
+                yield progress_html(event), last_preview, ""
             job.wait()
+        cancel_flag.reset()
         if job.error is not None:
-            yield progress_html(None, describe_failure(job.error)), last_preview, "", session_value
+            yield progress_html(None, describe_failure(job.error)), last_preview, ""
             return
         info = read_artifact(output)
         seconds = job.result.seconds_training if job.result is not None else 0.0
         message = (f"✅ Trained **{METHOD_LABELS[config.method]}** in {format_seconds(seconds)}. "
                    f"Use **`{info.instance_prompt}`** in your prompts.\n\nSaved as run `{output.name}` — "
                    "open the Generate tab to try it, the Hub tab to push it.")
-        yield progress_html(None, "Done."), last_preview, message, session_value
+        yield progress_html(None, "Done."), last_preview, message
 
     def cancel_training(session_value: Session | None) -> str:
         if session_value is None or session_value.job is None:
             return progress_html(None, "Nothing to cancel.")
-        session_value.job.cancel()
+        session_value.job.cancel()  # also touches the session's cancel file, which a ZeroGPU worker sees
         return progress_html(None, "Cancelling… (stops at the next step; nothing will be written)")
 
     preset_inputs = [upload["subject_type"], method, stage2_mode, base_model]
@@ -339,7 +346,7 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         import spaces  # present on ZeroGPU Spaces only
 
         train_function = spaces.GPU(duration=gpu_seconds)(start_training)
-    run_event = start.click(train_function, [session], [status, preview, result, session], inputs_kwargs=form,
+    run_event = start.click(train_function, [session], [status, preview, result], inputs_kwargs=form,
                             api_name="train", concurrency_limit=1, concurrency_id="gpu")
     cancel.click(cancel_training, session, status, api_name="cancel", queue=False)
     return {"run_event": run_event, "estimate": estimate, "show_estimate": show_estimate,

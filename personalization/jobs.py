@@ -162,6 +162,11 @@ class Workspace:
         self.folder = self.root / self.session_id
         self.folder.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def cancel_file(self) -> Path:
+        """Touching this file cancels the session's running training, from any process."""
+        return self.folder / ".cancel-requested"
+
     def new_run_dir(self, label: str) -> Path:
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40] or "run"
         return self.folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{uuid.uuid4().hex[:4]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
@@ -48,23 +49,33 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 class CancelFlag:
-    """A thread-safe flag the UI sets and the loop checks every step."""
+    """A thread-safe flag the UI sets and the loop checks every step.
 
-    def __init__(self) -> None:
+    With ``signal_file`` the flag also reads as set once that file exists, so a run in another process (ZeroGPU runs
+    the GPU work in a forked worker) can be cancelled from the server process.
+    """
+
+    def __init__(self, signal_file: Path | None = None) -> None:
         self._event = threading.Event()
+        self.signal_file = signal_file
 
     def cancel(self) -> None:
         self._event.set()
+        if self.signal_file is not None:
+            self.signal_file.parent.mkdir(parents=True, exist_ok=True)
+            self.signal_file.touch()
 
     def reset(self) -> None:
         self._event.clear()
+        if self.signal_file is not None:
+            self.signal_file.unlink(missing_ok=True)
 
     @property
     def cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._event.is_set() or (self.signal_file is not None and self.signal_file.exists())
 
     def raise_if_cancelled(self) -> None:
-        if self._event.is_set():
+        if self.cancelled:
             raise TrainingCancelled("training was cancelled; no model was written")
 
 
