@@ -38,9 +38,9 @@ METRICS = ("subject_fidelity", "background_accuracy", "color_drift", "shape_drif
 
 
 def run_one(label: str, changes: dict, subject: Path, seed: int, scratch: Path, generator: Generator,
-            score_seeds: int, steps_scale: float) -> dict:
+            score_seeds: int, steps_scale: float, base_model: str) -> dict:
     info = json.loads((subject / "subject.json").read_text())
-    config = TrainingConfig(class_noun=info["class_noun"], base_model=BUNDLED_MINI_MODEL, seed=seed, sample_count=0,
+    config = TrainingConfig(class_noun=info["class_noun"], base_model=base_model, seed=seed, sample_count=0,
                             **changes).resolved()
     if steps_scale != 1.0:
         config = TrainingConfig.from_dict({**config.to_dict(),
@@ -52,7 +52,8 @@ def run_one(label: str, changes: dict, subject: Path, seed: int, scratch: Path, 
     result = train(config, subject, out)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     references = load_subject_images(subject, config.resolution or 32).images
-    scores = score_personalization(generator, out, references, info.get("colors", ()), seeds=score_seeds)
+    scores = score_personalization(generator, out, references, info.get("colors", ()), seeds=score_seeds,
+                                   base_model=base_model)
     return {"method": label, "subject": subject.name, "seed": seed, "train_s": result.seconds_training,
             "peak_gib": peak, **scores.as_dict()}
 
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--score-seeds", type=int, default=4, help="images per scored prompt")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps (quick runs)")
     parser.add_argument("--json", type=Path, help="write every run's scores")
+    parser.add_argument("--base-model", default=BUNDLED_MINI_MODEL,
+                        help="a mini-world model folder (default: the bundled one); pin a snapshot while it trains")
     parser.add_argument("--svg", type=Path, default=ROOT / "docs" / "quality.svg")
     args = parser.parse_args()
 
@@ -146,7 +149,7 @@ def main() -> None:
             for subject in subjects:
                 for seed in range(args.seeds):
                     row = run_one(label, changes, subject, seed, Path(scratch_name), generator, args.score_seeds,
-                                  args.steps_scale)
+                                  args.steps_scale, args.base_model)
                     rows.append(row)
                     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
                           flush=True)

@@ -209,8 +209,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if base == BUNDLED_MINI_MODEL:
         from .mini_world.scoring import score_personalization
 
-        scores = score_personalization(generator, args.artifact, references, seeds=args.seeds, steps=args.steps,
-                                       guidance_scale=args.guidance, base_model=base).as_dict()
+        subject_file = Path(args.references) / "subject.json"
+        colors = json.loads(subject_file.read_text()).get("colors", []) if subject_file.is_file() else []
+        scores = score_personalization(generator, args.artifact, references, colors, seeds=args.seeds,
+                                       steps=args.steps, guidance_scale=args.guidance, base_model=base).as_dict()
         print("| " + " | ".join(scores) + " |")
         print("|" + "---|" * len(scores))
         print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in scores.values()) + " |")
