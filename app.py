@@ -23,6 +23,7 @@ from personalization.artifacts import CARD_FILE, ArtifactError, ArtifactInfo, re
 from personalization.config import PRESETS, ConfigError, TrainingConfig
 from personalization.device import (
     BUNDLED_MINI_MODEL,
+    MINI_MODEL_DIR,
     SD15_HUB_ID,
     default_base_model,
     portable_base_model,
@@ -59,6 +60,25 @@ class Services:
     hardware: str
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def base_choices(self) -> list[str]:
+        return list(dict.fromkeys([self.default_base, os.environ.get("BASE_MODEL") or self.default_base,
+                                   SD15_HUB_ID, BUNDLED_MINI_MODEL]))
+
+    def checked_base(self, base_model: str | None) -> str:
+        """The base model a client asked for, if this server offers it.
+
+        Clients can send any string: a server path would train on (or reveal) the server's files, an arbitrary Hub id
+        would download gigabytes. Other Hub ids are accepted only where the operator sets ALLOW_ANY_BASE_MODEL=1.
+        """
+        base = (base_model or "").strip() or self.default_base
+        if base in self.base_choices:
+            return base
+        is_hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~")) and ".." not in base
+        if is_hub_id and os.environ.get("ALLOW_ANY_BASE_MODEL") == "1":
+            return base
+        raise ValueError(f"base model '{base[:80]}' is not offered here (choose one from the list)")
+
     def tokenizer(self):
         from transformers import CLIPTokenizer
 
@@ -73,6 +93,7 @@ class Session:
     workspace: Workspace
     subject: SubjectImages | None = None
     resolution: int | None = None
+    subject_files: list[Path] = field(default_factory=list)
     job: TrainingJob | None = None
     hub_folders: dict[str, str] = field(default_factory=dict)
 
@@ -119,6 +140,8 @@ def prepare_images(files: list[str] | None, base_model: str, session: Session | 
     kept, rejected = sort_subject_images(paths, resolution)
     session.subject = kept if len(kept) else None
     session.resolution = resolution
+    rejected_names = {r.name for r in rejected}
+    session.subject_files = [p for p in paths if p.name not in rejected_names]
     lines = [f"**{len(kept)} image(s) ready** at {resolution}×{resolution} px."]
     lines += [f"- refused `{html.escape(r.name)}`: {html.escape(r.reason)}" for r in rejected]
     lines += [f"- note: {html.escape(n)}" for n in kept.notes]
@@ -170,8 +193,22 @@ def build_upload_tab(services: Services, session: gr.State,
             trigger_status = gr.Markdown("", elem_id="trigger-status")
             suggest = gr.Button("Suggest a trigger", size="sm")
 
-    files.change(prepare_images, [files, base_model, session], [gallery, status, session], api_name="prepare_images")
-    example.change(load_example, [example, base_model, session], [gallery, status, class_noun, files, session],
+    def prepare(files_value: list[str] | None, base: str, session_value: Session | None):
+        try:
+            base = services.checked_base(base)
+        except ValueError as error:
+            return [], f"⚠️ {html.escape(str(error))}", session_value
+        return prepare_images(files_value, base, session_value)
+
+    def example_subject(name: str, base: str, session_value: Session | None):
+        try:
+            base = services.checked_base(base)
+        except ValueError as error:
+            return [], f"⚠️ {html.escape(str(error))}", gr.update(), gr.update(), session_value
+        return load_example(name, base, session_value)
+
+    files.change(prepare, [files, base_model, session], [gallery, status, session], api_name="prepare_images")
+    example.change(example_subject, [example, base_model, session], [gallery, status, class_noun, files, session],
                    api_name="load_example")
     suggest.click(lambda noun: suggest_trigger(services.tokenizer(), noun or "subject"), class_noun, trigger,
                   api_name="suggest_trigger")
@@ -291,6 +328,14 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
             yield progress_html(None, "A training is already running in this session."), None, ""
             return
         try:
+            values["base_model"] = services.checked_base(values.get("base_model"))
+            resolution = resolution_for(values["base_model"])
+            if resolution != session_value.resolution:
+                # The base model changed after the upload: prepare the same files again at its resolution.
+                kept, _rejected = sort_subject_images(session_value.subject_files, resolution)
+                if not len(kept):
+                    raise ImageError(f"none of the uploaded images can be used at {resolution} px")
+                session_value.subject, session_value.resolution = kept, resolution
             config = form_to_config(values, session_value)
         except (ConfigError, ImageError, ValueError, TypeError) as error:
             yield progress_html(None, f"Invalid settings: {error}"), None, ""
@@ -304,10 +349,15 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         last_preview = None
         with services.gpu_lock:  # one training per GPU; the queue shows others their place
             job.start()
-            for event in job.events():
-                last_preview = for_display(event.preview) if event.preview is not None else last_preview
-                yield progress_html(event), last_preview, ""
-            job.wait()
+            try:
+                for event in job.events():
+                    last_preview = for_display(event.preview) if event.preview is not None else last_preview
+                    yield progress_html(event), last_preview, ""
+            finally:
+                # A closed browser tab closes this generator: stop the run before the GPU lock is released.
+                if job.result is None and job.error is None:
+                    job.cancel()
+                job.wait()
         cancel_flag.reset()
         if job.error is not None:
             yield progress_html(None, describe_failure(job.error)), last_preview, ""
@@ -451,13 +501,13 @@ def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.
                                         lora_scale=float(scale), num_images=int(images))
             request.validate()
             with services.gpu_lock if ZERO_GPU else _null_lock():
-                base = base_for(read_artifact(folder), base_model)
+                base = base_for(read_artifact(folder), services.checked_base(base_model))
                 info = services.generator.apply(folder, base_model=base)
                 request.resolution = info.config.get("resolution")
                 personal = services.generator.generate(request)
                 base = services.generator.generate(request, personalized=False)
-        except (ArtifactError, ValueError) as error:
-            raise gr.Error(str(error)) from None
+        except (ArtifactError, ValueError, OSError) as error:
+            raise gr.Error(str(error).splitlines()[0][:300]) from None
         base_prompt = strip_trigger(prompt_text, info.trigger_token)
         return ([(for_display(im), f"base · {base_prompt}") for im in base],
                 [(for_display(im), f"seed {request.seed + i}") for i, im in enumerate(personal)])
@@ -538,7 +588,10 @@ CSS = """
 
 def banner(services: Services) -> str:
     lines = []
-    if services.default_base == BUNDLED_MINI_MODEL:
+    if services.default_base == BUNDLED_MINI_MODEL and not (MINI_MODEL_DIR / "model_index.json").is_file():
+        lines.append("⚠️ The bundled mini model is missing from this copy (personalization/assets/mini_model): "
+                     "choose another base model, or run scripts/train_mini_model.py.")
+    elif services.default_base == BUNDLED_MINI_MODEL:
         lines.append("Running on **CPU with the bundled mini model** (a small shapes world, 32 px): try the example "
                      "subjects. To personalize Stable Diffusion 1.5 with your photos, **duplicate this Space onto a "
                      "GPU** (A10G or better).")
@@ -561,8 +614,8 @@ def build_app(services: Services | None = None) -> gr.Blocks:
                 gr.Markdown(notice, elem_id="banner")
                 if ON_SPACE:
                     gr.DuplicateButton(size="sm")
-        choices = list(dict.fromkeys([services.default_base, SD15_HUB_ID, BUNDLED_MINI_MODEL]))
-        base_model = gr.Dropdown(choices, value=services.default_base, label="Base model", allow_custom_value=True,
+        base_model = gr.Dropdown(services.base_choices, value=services.default_base, label="Base model",
+                                 allow_custom_value=os.environ.get("ALLOW_ANY_BASE_MODEL") == "1",
                                  elem_id="base-model")
         gr.Markdown(f"Hardware: **{html.escape(services.hardware)}**")
         with gr.Tabs():

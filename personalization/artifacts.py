@@ -144,11 +144,25 @@ def read_artifact(folder: Path | str) -> ArtifactInfo:
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse, before any training, to replace an existing non-empty folder unless asked to."""
+    """Refuse, before any training, to replace an existing non-empty folder unless asked to.
+
+    Even with ``overwrite`` only an earlier artifact (a folder holding training_config.json) is replaced: pointing
+    ``--out`` at a folder of photos, or at a home folder, must never delete it.
+    """
+    output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ArtifactError(f"{output_dir}: exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ArtifactError(f"{output_dir}: folder exists and is not empty (choose another --out or --overwrite)")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise ArtifactError(f"{output_dir}: folder exists and is not empty (choose another --out or --overwrite)")
+        if not (output_dir / CONFIG_FILE).is_file():
+            raise ArtifactError(
+                f"{output_dir}: not an earlier result of this engine (no {CONFIG_FILE}); --overwrite only replaces "
+                "those, choose an empty or new folder"
+            )
+    parent = output_dir.resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise ArtifactError(f"{parent}: no permission to write there")
 
 
 @contextlib.contextmanager
@@ -157,7 +171,7 @@ def atomic_output_dir(output_dir: Path, overwrite: bool = False) -> Iterator[Pat
 
     A crash or cancel removes the temporary folder and leaves ``output_dir`` as it was.
     """
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()  # "." and "out/.." have no usable name of their own
     prepare_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))

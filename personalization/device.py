@@ -46,8 +46,18 @@ def default_base_model() -> str:
     return SD15_HUB_ID if torch.cuda.is_available() else BUNDLED_MINI_MODEL
 
 
+# Ids that moved: the old SD-1.5 repo was deleted and lives on under a new owner.
+RENAMED_MODELS = {"runwayml/stable-diffusion-v1-5": SD15_HUB_ID}
+
+
 def resolve_base_model_path(base_model: str) -> str:
     """A path or Hub id ``from_pretrained`` accepts; the bundled model's symbolic name maps to its folder."""
+    if base_model.startswith("local:"):
+        raise FileNotFoundError(
+            f"this was trained on a local base model ({base_model.removeprefix('local:')}); "
+            "give its folder as the base model (--base-model FOLDER)"
+        )
+    base_model = RENAMED_MODELS.get(base_model, base_model)
     if base_model == BUNDLED_MINI_MODEL:
         if not (MINI_MODEL_DIR / "model_index.json").is_file():
             raise FileNotFoundError(f"the bundled mini model is missing from {MINI_MODEL_DIR}")
@@ -59,6 +69,8 @@ def portable_base_model(base_model: str) -> str:
     """How a base model is recorded in configs and cards: Hub ids as they are, local folders by name only."""
     if base_model == BUNDLED_MINI_MODEL:
         return base_model
+    if base_model in RENAMED_MODELS:
+        return RENAMED_MODELS[base_model]
     path = Path(base_model).expanduser()
     if path.is_absolute() or base_model.startswith((".", "~")) or (path.exists() and path.is_dir()):
         return f"local:{path.resolve().name}"

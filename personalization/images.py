@@ -53,7 +53,9 @@ def list_image_files(source: Path | str | Sequence[Path | str]) -> list[Path]:
             raise ImageError(f"{folder}: no such file or folder")
         if folder.is_file():
             return [folder]
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        # Hidden files (macOS "._IMG.jpg" resource forks, ".DS_Store") are never photos.
+        files = sorted(p for p in folder.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
         if not files:
             raise ImageError(f"{folder}: the folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return files

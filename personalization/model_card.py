@@ -24,7 +24,14 @@ METHOD_NAMES = {
     "dreambooth": "DreamBooth (Ruiz et al. 2023), full U-Net fine-tuning",
     "dreambooth_lora": "DreamBooth with LoRA on the U-Net",
 }
-LICENSES = {SD15_HUB_ID: "creativeml-openrail-m"}
+LICENSES = {
+    SD15_HUB_ID: "creativeml-openrail-m",
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-2-1": "openrail++",
+    "stabilityai/stable-diffusion-2-1-base": "openrail++",
+    "stabilityai/stable-diffusion-2-base": "openrail++",
+    "stabilityai/stable-diffusion-2": "openrail++",
+}
 
 
 def is_hub_id(base_model: str) -> bool:

@@ -28,6 +28,16 @@ def _vocabulary_word(tokenizer: CLIPTokenizer, text: str) -> bool:
     return f"{lowered}</w>" in vocab or lowered in tokenizer.get_added_vocab()
 
 
+def _word_containing(tokenizer: CLIPTokenizer, text: str) -> str | None:
+    """A vocabulary word that contains ``text`` (and is longer), if any."""
+    needle = text.lower()
+    for token in tokenizer.get_vocab():
+        word = token.removesuffix("</w>")
+        if needle in word and word != needle:
+            return word
+    return None
+
+
 def suggest_trigger(tokenizer: CLIPTokenizer, class_noun: str = "", seed: int | None = None) -> str:
     """A short, pronounceable-looking trigger in angle brackets that is not yet known to the tokenizer."""
     rng = random.Random(seed)
@@ -52,7 +62,7 @@ def check_trigger(tokenizer: CLIPTokenizer, trigger: str, allow_existing_word: b
         return TriggerCheck(False, "the trigger is empty", None)
     if re.search(r"\s", text):
         return TriggerCheck(False, f"'{text}' would split into several tokens: use one word without spaces",
-                            "<" + re.sub(r"\s+", "-", text.lower()) + ">")
+                            "<" + re.sub(r"\s+", "-", text.lower().strip("<> ")) + ">")
     if len(text) > 40:
         return TriggerCheck(False, f"'{text[:20]}...' is longer than 40 characters", None)
     if allow_existing_word:
@@ -66,6 +76,13 @@ def check_trigger(tokenizer: CLIPTokenizer, trigger: str, allow_existing_word: b
         return TriggerCheck(
             False, f"'{text}' is already a word the model knows; a trigger must be new",
             f"<{text.lower().strip('<>')}>" if not text.startswith("<") else f"{text[:-1]}-x>",
+        )
+    host = _word_containing(tokenizer, text)
+    if host is not None:
+        # An added token is matched anywhere in the text, so it would cut every word that contains it.
+        return TriggerCheck(
+            False, f"'{text}' appears inside the word '{host}', which would then be read differently",
+            f"<{text.lower().strip('<>')}>",
         )
     return TriggerCheck(True, f"'{text}' is a new single token")
 

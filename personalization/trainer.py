@@ -274,7 +274,9 @@ class StageContext:
 def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
     """Train one stage: set what is trainable, cache what is constant, then step."""
     comps, config, device = ctx.components, ctx.config, ctx.placement.device
-    generator = torch.Generator("cpu").manual_seed(config.seed + ctx.steps_before)
+    # Each data-parallel process draws its own images, noise and timesteps, else DDP would average copies.
+    process_offset = 1_000_003 * ctx.accelerator.process_index
+    generator = torch.Generator("cpu").manual_seed(config.seed + ctx.steps_before + process_offset)
     guard: _EmbeddingRowGuard | None = None
 
     # What moves in this stage.
@@ -428,10 +430,13 @@ def train(
     started = time.perf_counter()
     cancel = cancel or CancelFlag()
     config = config.resolved()
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()
     artifacts.prepare_output_dir(output_dir, overwrite)
     if not isinstance(subject_images, SubjectImages):
-        list_image_files(subject_images)  # a missing folder is reported before a model is looked for
+        for image_file in list_image_files(subject_images):  # a missing folder is reported before a model is looked for
+            if image_file.resolve().is_relative_to(output_dir):
+                raise artifacts.ArtifactError(
+                    f"{output_dir}: the subject images are inside the output folder; choose another --out")
     base_model = config.base_model or default_base_model()
     base_path = resolve_base_model_path(base_model)
     resolution = config.resolution or default_resolution(base_path)
@@ -463,7 +468,12 @@ def train(
     notes = list(subject_images.notes)
     class_latents = None
     if recipe.needs_class_images:
-        class_images = generate_class_images(comps, config, base_model, resolution, cancel, progress, started)
+        # The main process fills the on-disk cache; the others read it once it is complete.
+        if accelerator.is_main_process:
+            class_images = generate_class_images(comps, config, base_model, resolution, cancel, progress, started)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            class_images = generate_class_images(comps, config, base_model, resolution, cancel, progress, started)
         class_latents = encode_images(comps.vae, class_images, placement.device)
     images = list(subject_images.images)
     flip_offset = None

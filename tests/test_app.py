@@ -299,3 +299,31 @@ def test_cancel_during_training_writes_nothing(served: Served, tmp_path: Path) -
     again = client.submit(class_noun="widget", trigger="", **TINY_STEPS, api_name="/train")
     again.result(timeout=120)
     assert "Done." in again.outputs()[-1][0]
+
+
+def test_a_base_model_the_server_does_not_offer_is_refused(served: Served, tmp_path: Path) -> None:
+    """Clients can send any string: a server folder or an arbitrary Hub id must not be loaded."""
+    from gradio_client.exceptions import AppError
+
+    client = served.client()
+    subject = make_subject_images(tmp_path / "subject", count=2)
+    files = [handle_file(str(f)) for f in sorted(subject.glob("*.png"))]
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict(files, "/etc", api_name="/prepare_images")
+    upload(client, sorted(subject.glob("*.png")))
+    before = served.run_folders()
+    with pytest.raises(AppError, match="not in the list of choices"):
+        train(client, base_model="/etc")
+    assert served.run_folders() == before
+
+
+def test_checked_base_refuses_paths_even_when_any_hub_id_is_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    services = app.Services(default_base="bundled:mini-shapes", generator=None, hardware="CPU")  # type: ignore[arg-type]
+    assert services.checked_base("") == "bundled:mini-shapes"
+    with pytest.raises(ValueError, match="not offered here"):
+        services.checked_base("someone/huge-model")
+    monkeypatch.setenv("ALLOW_ANY_BASE_MODEL", "1")
+    assert services.checked_base("someone/huge-model") == "someone/huge-model"
+    for path in ("/etc", "../secrets", "~/x", "a/../../b"):
+        with pytest.raises(ValueError, match="not offered here"):
+            services.checked_base(path)

@@ -61,3 +61,11 @@ def test_train_then_generate_in_process(tiny_base, subject_dir, tmp_path, capsys
     code = main(["train", "--images", str(subject_dir), "--class-noun", "box", "--out", str(out), "--base-model",
                  str(tiny_base)])
     assert code == 1 and "folder exists and is not empty" in capsys.readouterr().err
+
+
+def test_a_config_from_a_local_base_asks_for_the_folder(tmp_path, subject_dir):
+    config = tmp_path / "training_config.json"
+    config.write_text('{"class_noun": "box", "base_model": "local:tiny-base0"}')
+    result = run_cli("train", "--config", str(config), "--images", str(subject_dir), "--out", str(tmp_path / "o"))
+    assert result.returncode == 1
+    assert "trained on a local base model (tiny-base0)" in result.stderr and "--base-model" in result.stderr

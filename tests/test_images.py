@@ -120,3 +120,10 @@ def test_sort_keeps_good_files_and_lists_bad_ones(tmp_path):
     assert kept.names == ["good.png"]
     assert [r.name for r in rejected] == ["bad.jpg"]
     assert "damaged" in rejected[0].reason or "not an image" in rejected[0].reason
+
+
+def test_hidden_files_are_skipped(tmp_path):
+    save(Image.new("RGB", (32, 32), (1, 2, 3)), tmp_path / "good.png")
+    (tmp_path / "._good.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00")
+    assert load_subject_images(tmp_path, resolution=16).names == ["good.png"]

@@ -58,3 +58,10 @@ def test_prompts_put_the_trigger_before_the_noun_and_strip_removes_it():
     prompts = build_prompts(["a photo of a {trigger} {noun}"], "<t>", "dog")
     assert prompts == ["a photo of a <t> dog"]
     assert strip_trigger("a photo of a <t> dog on the beach", "<t>") == "a photo of a dog on the beach"
+
+
+def test_a_trigger_inside_common_words_is_refused(tokenizer):
+    check = check_trigger(tokenizer, "phot")
+    assert not check.ok and "appears inside the word" in check.message
+    assert check.suggestion == "<phot>" and check_trigger(tokenizer, "<phot>").ok
+    assert check_trigger(tokenizer, "<my dog>").suggestion == "<my-dog>"

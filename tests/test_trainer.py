@@ -123,7 +123,7 @@ def test_cancel_mid_run_leaves_no_folder(tiny_base, subject_dir, tmp_path):
 def test_crash_mid_run_leaves_no_folder_and_keeps_an_old_one(tiny_base, subject_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("earlier result")
+    (out / "training_config.json").write_text("{}")  # an earlier result, which --overwrite may replace
 
     def crash(event):
         if event.step == 2:
@@ -131,7 +131,7 @@ def test_crash_mid_run_leaves_no_folder_and_keeps_an_old_one(tiny_base, subject_
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_config(tiny_base), subject_dir, out, progress=crash, overwrite=True)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in out.iterdir()] == ["training_config.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -150,3 +150,31 @@ def test_previews_arrive_every_interval(tiny_base, subject_dir, tmp_path):
     previews = [(e.stage, e.stage_step) for e in events if e.preview is not None]
     assert len(previews) == 2 and all(step == 2 for _, step in previews)
     assert all(e.preview.size == (TINY_RESOLUTION, TINY_RESOLUTION) for e in events if e.preview is not None)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_result(tiny_base, subject_dir, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.txt").write_text("years of work")
+    with pytest.raises(ValueError, match="not an earlier result of this engine"):
+        train(tiny_config(tiny_base), subject_dir, home, overwrite=True)
+    assert (home / "thesis.txt").read_text() == "years of work"
+
+
+def test_images_inside_the_output_folder_are_refused(tiny_base, tmp_path):
+    from tests.conftest import make_subject_images
+
+    out = tmp_path / "out"
+    make_subject_images(out / "photos")
+    (out / "training_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="subject images are inside the output folder"):
+        train(tiny_config(tiny_base), out / "photos", out, overwrite=True)
+    assert len(list((out / "photos").iterdir())) == 3
+
+
+def test_output_dot_is_resolved_to_a_named_folder(tiny_base, subject_dir, tmp_path, monkeypatch):
+    target = tmp_path / "here"
+    target.mkdir()
+    monkeypatch.chdir(target)
+    result = train(tiny_config(tiny_base, sample_count=0), subject_dir, ".")
+    assert result.output_dir == target and (target / "training_config.json").is_file()
