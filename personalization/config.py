@@ -39,6 +39,9 @@ STAGE2_LEARNING_RATES: dict[str, float] = {"full": 2e-6, "lora": 1e-4}
 # DreamBooth's identifier: an existing rare token whose prior is weak, as in the DreamBooth paper.
 DEFAULT_IDENTIFIER = "sks"
 
+# The symbolic name of the mini model bundled in personalization/assets (see personalization.device).
+BUNDLED_MINI_MODEL = "bundled:mini-shapes"
+
 ADJECTIVE_TEMPLATES = (
     "a photo of a {trigger} {noun}",
     "a rendering of a {trigger} {noun}",
@@ -48,6 +51,12 @@ ADJECTIVE_TEMPLATES = (
     "a bright photo of the {trigger} {noun}",
     "a good photo of a {trigger} {noun}",
     "a photo of one {trigger} {noun}",
+)
+# The mini model's text encoder only ever read captions of its shapes world; words like "rendering" or "close-up"
+# kept their random initial embeddings there, so its prompts stay inside that vocabulary.
+MINI_WORLD_TEMPLATES = (
+    "a photo of a {trigger} {noun}",
+    "a {trigger} {noun}",
 )
 STYLE_TEMPLATES = (
     "a painting in {trigger} {noun}",
@@ -242,7 +251,8 @@ class TrainingConfig:
         if values["flip"] is None:
             values["flip"] = self.preset.flip
         if values["prompt_templates"] is None:
-            values["prompt_templates"] = list(self.preset.prompt_templates)
+            on_mini_world = self.base_model == BUNDLED_MINI_MODEL
+            values["prompt_templates"] = list(MINI_WORLD_TEMPLATES if on_mini_world else self.preset.prompt_templates)
         if values["class_prompt"] is None:
             values["class_prompt"] = f"a photo of a {values['class_noun']}"
         if self.method == "textual_inversion":
@@ -270,6 +280,8 @@ class TrainingConfig:
         if self.validation_prompts:
             return list(self.validation_prompts)
         phrase = self.instance_prompt()
+        if self.base_model == BUNDLED_MINI_MODEL:
+            return [phrase, f"{phrase} on a blue background", f"{phrase} on a green background"]
         return [phrase, f"{phrase} on the beach", f"a watercolor painting of a {self.trigger_token} {self.class_noun}"]
 
     # ---- serialisation ----------------------------------------------------------------------------------------

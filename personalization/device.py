@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from .config import BUNDLED_MINI_MODEL  # defined with the config that records it; used and re-exported here
+
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUNDLED_MINI_MODEL = "bundled:mini-shapes"
 MINI_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "mini_model"
 
 

@@ -429,6 +429,8 @@ def train(
 
     started = time.perf_counter()
     cancel = cancel or CancelFlag()
+    # The base model is fixed first: some defaults (the mini world's prompt templates) depend on it.
+    config = TrainingConfig.from_dict({**config.to_dict(), "base_model": config.base_model or default_base_model()})
     config = config.resolved()
     output_dir = Path(output_dir).resolve()
     artifacts.prepare_output_dir(output_dir, overwrite)
@@ -446,6 +448,7 @@ def train(
         subject_images = SubjectImages([im.resize((resolution, resolution), Image.Resampling.LANCZOS)
                                         if im.size != (resolution, resolution) else im
                                         for im in subject_images.images], subject_images.names, subject_images.notes)
+    _check_trigger_early(base_path, config)
     config = TrainingConfig.from_dict({**config.to_dict(), "base_model": base_model, "resolution": resolution})
     recipe: Recipe = recipe_for(config)
 
@@ -507,6 +510,16 @@ def train(
         write_model_card(staging, TrainingConfig.from_dict(saved), summary_dict(result), sample_names)
     result.sample_files = [output_dir / artifacts.SAMPLES_DIR / name for name in sample_names]
     return result
+
+
+def _check_trigger_early(base_path: str, config: TrainingConfig) -> None:
+    """Refuse a bad trigger with the tokenizer alone, before minutes of loading the model."""
+    tokenizer = CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer")
+    check = check_trigger(tokenizer, config.trigger_token or "", allow_existing_word=not config.learns_token)
+    if not check.ok:
+        hint = f" (try '{check.suggestion}')" if check.suggestion else ""
+        label = "trigger token" if config.learns_token else "identifier"
+        raise TriggerError(f"{label}: {check.message}{hint}")
 
 
 def summary_dict(result: TrainingResult) -> dict[str, Any]:

@@ -91,3 +91,11 @@ def test_json_round_trip_and_unknown_fields(tmp_path):
 
 def test_default_trigger_is_a_bracketed_slug():
     assert default_trigger("Teddy Bear") == "<my-teddy-bear>"
+
+
+def test_the_mini_world_gets_prompts_in_its_own_vocabulary():
+    config = TrainingConfig(class_noun="star", base_model="bundled:mini-shapes").resolved()
+    assert config.prompt_templates == ["a photo of a {trigger} {noun}", "a {trigger} {noun}"]
+    assert config.sample_prompts()[1] == "a photo of a <my-star> star on a blue background"
+    sd = TrainingConfig(class_noun="dog", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").resolved()
+    assert len(sd.prompt_templates) == 8 and sd.sample_prompts()[1].endswith("on the beach")

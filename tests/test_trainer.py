@@ -178,3 +178,14 @@ def test_output_dot_is_resolved_to_a_named_folder(tiny_base, subject_dir, tmp_pa
     monkeypatch.chdir(target)
     result = train(tiny_config(tiny_base, sample_count=0), subject_dir, ".")
     assert result.output_dir == target and (target / "training_config.json").is_file()
+
+
+def test_a_bad_trigger_is_refused_before_the_model_loads(tiny_base, subject_dir, tmp_path):
+    """A base folder with configs and tokenizer but no weights: loading it would fail, the trigger check must not."""
+    import shutil
+
+    configs_only = tmp_path / "configs-only"
+    shutil.copytree(tiny_base, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    with pytest.raises(ValueError, match=r"trigger token: 'dog' is already a word.*try '<dog>'"):
+        train(tiny_config(configs_only, trigger_token="dog"), subject_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
