@@ -72,19 +72,23 @@ def test_subject_fidelity_separates_subject_from_plain_objects(name: str) -> Non
     assert all(0.0 <= f <= 1.0 for f in own + plain)
 
 
-@pytest.mark.skipif(not (MINI_MODEL / "model_index.json").exists(), reason="mini model not exported yet")
-def test_shipped_mini_model_loads_and_follows_the_background() -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def test_shipped_mini_model_draws_held_out_prompts_with_plain_diffusers() -> None:
+    """The bundled model, loaded as any user would (its own scheduler), draws combinations it never saw."""
+    from diffusers import StableDiffusionPipeline
+
+    from personalization.mini_world.world import HELD_OUT_COMBOS, full_caption
 
     pipe = StableDiffusionPipeline.from_pretrained(str(MINI_MODEL), torch_dtype=torch.float32)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    combos = list(HELD_OUT_COMBOS[:4])
     images = pipe(
-        ["a photo of a red circle on a blue background"] * 4,
+        [full_caption(shape, color, background) for shape, color, background in combos],
         num_inference_steps=25,
         guidance_scale=5.0,
         generator=torch.Generator("cpu").manual_seed(0),
     ).images
     assert all(im.size == (32, 32) for im in images)
-    backgrounds = [checker.read_image(im).background for im in images]
-    assert backgrounds.count("blue") >= 3, backgrounds
+    readings = [checker.read_image(im) for im in images]
+    assert [r.background for r in readings] == [b for _, _, b in combos], readings
+    assert sum(r.color == c for r, (_, c, _) in zip(readings, combos, strict=True)) >= 3, readings
+    assert sum(r.shape == s for r, (s, _, _) in zip(readings, combos, strict=True)) >= 3, readings
