@@ -262,8 +262,9 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
                     upload: dict[str, gr.components.Component]):
     with gr.Row():
         method = gr.Radio([(label, key) for key, label in METHOD_LABELS.items()], value="two_stage", label="Method")
-        stage2_mode = gr.Radio(["lora", "full"], value="lora", label="Stage 2 (two-stage): LoRA or full U-Net")
-    defaults = preset_values("object", "two_stage", "lora", services.default_base)
+        default_mode = TrainingConfig(class_noun="subject", base_model=services.default_base).default_stage2_mode()
+        stage2_mode = gr.Radio(["lora", "full"], value=default_mode, label="Stage 2 (two-stage): LoRA or full U-Net")
+    defaults = preset_values("object", "two_stage", default_mode, services.default_base)
     with gr.Accordion("Hyperparameters (prefilled by the preset)", open=False):
         with gr.Row():
             stage1_steps = gr.Number(defaults[0], label="Stage 1 / TI steps", precision=0, minimum=0)
@@ -376,6 +377,8 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         return progress_html(None, "Cancelling… (stops at the next step; nothing will be written)")
 
     preset_inputs = [upload["subject_type"], method, stage2_mode, base_model]
+    base_model.change(lambda base: TrainingConfig(class_noun="subject", base_model=base).default_stage2_mode(),
+                      base_model, stage2_mode, queue=False, api_visibility="undocumented")
     for control in (upload["subject_type"], method, stage2_mode):
         control.change(lambda *v: preset_values(*v), preset_inputs, numbers, queue=False, api_visibility="undocumented")
     for control in [*numbers, method, stage2_mode, prior, base_model, upload["subject_type"]]:

@@ -35,6 +35,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
                         "stage2_learning_rate": 1e-4},
 }
 STAGE2_LEARNING_RATES: dict[str, float] = {"full": 2e-6, "lora": 1e-4}
+MINI_WORLD_UNET_LEARNING_RATES: dict[str, float] = {"full": 1e-4, "lora": 1e-3}
 
 # DreamBooth's identifier: an existing rare token whose prior is weak, as in the DreamBooth paper.
 DEFAULT_IDENTIFIER = "sks"
@@ -97,7 +98,7 @@ class TrainingConfig:
 
     class_noun: str
     method: str = "two_stage"
-    stage2_mode: str = "lora"
+    stage2_mode: str | None = None
     subject_type: str = "object"
     base_model: str | None = None
     trigger_token: str | None = None
@@ -140,7 +141,8 @@ class TrainingConfig:
     def validate(self) -> TrainingConfig:
         """Raise :class:`ConfigError` naming the first invalid field; return self so calls can chain."""
         _check_choice("method", self.method, METHODS)
-        _check_choice("stage2_mode", self.stage2_mode, STAGE2_MODES)
+        if self.stage2_mode is not None:
+            _check_choice("stage2_mode", self.stage2_mode, STAGE2_MODES)
         _check_choice("subject_type", self.subject_type, SUBJECT_TYPES)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         noun = self.class_noun.strip() if isinstance(self.class_noun, str) else ""
@@ -218,7 +220,18 @@ class TrainingConfig:
 
     @property
     def uses_lora(self) -> bool:
-        return self.method == "dreambooth_lora" or (self.method == "two_stage" and self.stage2_mode == "lora")
+        return self.method == "dreambooth_lora" or (self.method == "two_stage" and self.default_stage2_mode() == "lora")
+
+    @property
+    def on_mini_world(self) -> bool:
+        return self.base_model == BUNDLED_MINI_MODEL
+
+    def default_stage2_mode(self) -> str:
+        """The set mode, else LoRA (SD-size models: memory and a few-MB artifact), or the full U-Net on the mini
+        model, where it measured clearly better (benchmarks/quality.py, README)."""
+        if self.stage2_mode is not None:
+            return self.stage2_mode
+        return "full" if self.on_mini_world else "lora"
 
     @property
     def trains_unet(self) -> bool:
@@ -233,12 +246,19 @@ class TrainingConfig:
         for name in ("stage1_steps", "stage2_steps"):
             if values[name] is None:
                 values[name] = round(defaults[name] * scale)
+        if self.method == "two_stage":
+            values["stage2_mode"] = self.default_stage2_mode()
+        else:
+            values["stage2_mode"] = "lora" if self.method == "dreambooth_lora" else "full"
         if values["stage1_learning_rate"] is None:
             values["stage1_learning_rate"] = defaults["stage1_learning_rate"]
         if values["stage2_learning_rate"] is None:
             method_rate = defaults["stage2_learning_rate"]
-            mode_rate = STAGE2_LEARNING_RATES[self.stage2_mode]
+            mode_rate = STAGE2_LEARNING_RATES[values["stage2_mode"]]
             values["stage2_learning_rate"] = mode_rate if method_rate is None else method_rate
+            if self.on_mini_world and self.method != "textual_inversion":
+                # A 12.6 M-parameter U-Net needs far larger steps than SD-1.5's 860 M (measured on the mini world).
+                values["stage2_learning_rate"] = MINI_WORLD_UNET_LEARNING_RATES[values["stage2_mode"]]
         values["class_noun"] = self.class_noun.strip().lower()
         if values["init_word"] is None:
             values["init_word"] = values["class_noun"].split()[-1]
@@ -259,8 +279,6 @@ class TrainingConfig:
             values["stage2_steps"] = 0  # TI never touches the U-Net
         if self.method in ("dreambooth", "dreambooth_lora"):
             values["stage1_steps"] = 0  # DreamBooth learns no embedding
-        if self.method != "two_stage":
-            values["stage2_mode"] = "lora" if self.method == "dreambooth_lora" else "full"
         if values["stage1_steps"] == 0 and values["stage2_steps"] == 0:
             raise ConfigError("stage1_steps and stage2_steps are both 0: nothing would be trained")
         if self.method == "two_stage" and values["stage1_steps"] == 0:

@@ -58,7 +58,7 @@ def generation_placement() -> tuple[torch.device, torch.dtype]:
 
 def load_base_pipeline(base_model: str, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
     path = resolve_base_model_path(base_model)
-    pipeline = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+    pipeline = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
@@ -112,11 +112,11 @@ class Generator:
                 if info.has_unet:
                     self._base_unet = pipeline.unet
                     pipeline.unet = UNet2DConditionModel.from_pretrained(
-                        info.folder, subfolder=artifacts.UNET_DIR, torch_dtype=self.dtype).to(self.device)
+                        info.folder, subfolder=artifacts.UNET_DIR, dtype=self.dtype).to(self.device)
                 if info.has_text_encoder:
                     self._base_text_encoder = pipeline.text_encoder
                     pipeline.text_encoder = CLIPTextModel.from_pretrained(
-                        info.folder, subfolder=artifacts.TEXT_ENCODER_DIR, torch_dtype=self.dtype).to(self.device)
+                        info.folder, subfolder=artifacts.TEXT_ENCODER_DIR, dtype=self.dtype).to(self.device)
                 self.applied = info
                 if info.has_embeddings:
                     pipeline.load_textual_inversion(str(info.folder))

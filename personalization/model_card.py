@@ -48,14 +48,14 @@ def diffusers_snippet(config: TrainingConfig, repo_id: str, base_for_code: str) 
         'dtype = torch.float16 if device == "cuda" else torch.float32',
     ]
     if _full_unet(config):
-        lines.append(f'unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet", torch_dtype=dtype)')
-        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base_for_code}", unet=unet, torch_dtype=dtype)')
+        lines.append(f'unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet", dtype=dtype)')
+        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base_for_code}", unet=unet, dtype=dtype)')
     else:
-        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base_for_code}", torch_dtype=dtype)')
+        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base_for_code}", dtype=dtype)')
     if config.method == "dreambooth" and config.train_text_encoder:
         lines.insert(2, "from transformers import CLIPTextModel")
         lines.append(f'pipe.text_encoder = CLIPTextModel.from_pretrained("{repo_id}", subfolder="text_encoder",'
-                     " torch_dtype=dtype)")
+                     " dtype=dtype)")
     lines.append("pipe = pipe.to(device)")
     if config.learns_token:
         lines.append(f'pipe.load_textual_inversion("{repo_id}")')

@@ -85,9 +85,9 @@ def default_resolution(base_model_path: str) -> int:
 def load_components(base_model_path: str, placement: Placement) -> Components:
     """Load the base model's parts in fp32 (master weights; autocast does the low-precision compute)."""
     tokenizer = CLIPTokenizer.from_pretrained(base_model_path, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base_model_path, subfolder="text_encoder", torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(base_model_path, subfolder="vae", torch_dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(base_model_path, subfolder="unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(base_model_path, subfolder="text_encoder", dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(base_model_path, subfolder="vae", dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(base_model_path, subfolder="unet", dtype=torch.float32)
     noise_scheduler = DDPMScheduler.from_pretrained(base_model_path, subfolder="scheduler")
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)

@@ -99,3 +99,13 @@ def test_the_mini_world_gets_prompts_in_its_own_vocabulary():
     assert config.sample_prompts()[1] == "a photo of a <my-star> star on a blue background"
     sd = TrainingConfig(class_noun="dog", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").resolved()
     assert len(sd.prompt_templates) == 8 and sd.sample_prompts()[1].endswith("on the beach")
+
+
+def test_mini_world_defaults_follow_the_measurements():
+    two_stage = TrainingConfig(class_noun="star", base_model="bundled:mini-shapes").resolved()
+    assert two_stage.stage2_mode == "full" and two_stage.stage2_learning_rate == 1e-4
+    lora = TrainingConfig(class_noun="star", base_model="bundled:mini-shapes", stage2_mode="lora").resolved()
+    assert lora.stage2_learning_rate == 1e-3
+    db_lora = TrainingConfig(class_noun="star", base_model="bundled:mini-shapes", method="dreambooth_lora").resolved()
+    assert db_lora.stage2_mode == "lora" and db_lora.stage2_learning_rate == 1e-3
+    assert TrainingConfig(class_noun="dog").resolved().stage2_mode == "lora"

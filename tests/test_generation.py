@@ -39,11 +39,11 @@ def plain_diffusers_image(base, folder, prompt, seed, full_unet=False, text_enco
                           lora=False):
     kwargs = {}
     if full_unet:
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=torch.float32)
     if text_encoder:
         kwargs["text_encoder"] = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
-                                                               torch_dtype=torch.float32)
-    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, **kwargs)
+                                                               dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(base, dtype=torch.float32, **kwargs)
     if embeddings:
         pipe.load_textual_inversion(folder)
     if lora:
@@ -127,7 +127,7 @@ def test_webui_copies_load_and_match(trained, tiny_base):
     assert not (trained["two_stage_full"] / "my-box_lora_kohya.safetensors").exists()
 
     def render(weight_name):
-        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), torch_dtype=torch.float32)
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), dtype=torch.float32)
         pipe.load_lora_weights(str(folder), weight_name=weight_name)
         generator = torch.Generator("cpu").manual_seed(2)
         return np.asarray(pipe("a photo of a box", num_inference_steps=3, generator=generator).images[0])

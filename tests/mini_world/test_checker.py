@@ -78,7 +78,7 @@ def test_shipped_mini_model_draws_held_out_prompts_with_plain_diffusers() -> Non
 
     from personalization.mini_world.world import HELD_OUT_COMBOS, full_caption
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(MINI_MODEL), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(MINI_MODEL), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     combos = list(HELD_OUT_COMBOS[:4])
     images = pipe(
