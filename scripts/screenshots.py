@@ -27,6 +27,8 @@ def main() -> None:
 
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=300_000)  # a real training run on a CPU takes a minute or two
+
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch_name, running_app(BUNDLED_MINI_MODEL, Path(scratch_name)) as served, \
             sync_playwright() as playwright:
