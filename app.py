@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Library notices at import time (e.g. "requires torchvision, falling back") would bury the app's own messages.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 import gradio as gr
 from PIL import Image
 
