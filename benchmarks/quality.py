@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", help="recipe labels (default: all)")
     parser.add_argument("--subjects", nargs="*", help="example subject folders (default: all)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1")
     parser.add_argument("--score-seeds", type=int, default=4, help="images per scored prompt")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps (quick runs)")
     parser.add_argument("--json", type=Path, help="write every run's scores")
@@ -147,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch_name:
         for label, changes in recipes:
             for subject in subjects:
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     row = run_one(label, changes, subject, seed, Path(scratch_name), generator, args.score_seeds,
                                   args.steps_scale, args.base_model)
                     rows.append(row)
