@@ -21,10 +21,10 @@ from PIL import Image
 import app
 from personalization.generation import Generator
 from tests.conftest import make_subject_images
-from tests.fake_hub import FakeHub
+from tests.fake_hub import FakeHub, make_token
 
-TOKEN = "hf_AppTestWriteToken0123456789abcdef"
-BOB_TOKEN = "hf_BobAppTestToken0123456789abcdefgh"
+TOKEN = make_token("alice")
+BOB_TOKEN = make_token("bob")
 TINY_STEPS = {"stage1_steps": 2, "stage2_steps": 2, "preview_interval": 0}
 GENERATE = {"prompt_text": "", "negative_text": "", "seed_value": 7, "steps_value": 4, "guidance_value": 5.0,
             "scale": 1.0, "images": 1}

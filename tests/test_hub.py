@@ -20,10 +20,10 @@ from personalization.hub import (
     slugify_repo_name,
     whoami,
 )
-from tests.fake_hub import FakeHub
+from tests.fake_hub import FakeHub, make_token
 
-TOKEN = "hf_AliceWriteToken0123456789abcdef"
-BOB_TOKEN = "hf_BobWriteToken0123456789abcdefgh"
+TOKEN = make_token("alice")
+BOB_TOKEN = make_token("bob")
 
 PUSHED = {
     "README.md": b"---\nlicense: creativeml-openrail-m\nlibrary_name: diffusers\n---\n# My subject\n",
@@ -152,7 +152,7 @@ def test_repo_owned_by_another_account(hub: FakeHub, result: Path, private: bool
 
 @pytest.mark.parametrize("how", ["unknown token", "revoked"])
 def test_refused_token(hub: FakeHub, result: Path, how: str) -> None:
-    token = "hf_NotAKnownToken0123456789abcdef" if how == "unknown token" else TOKEN
+    token = make_token("nobody") if how == "unknown token" else TOKEN
     hub.refuse_auth = how == "revoked"
 
     with pytest.raises(HubError, match=r"^The Hugging Face token was refused: ") as info:
