@@ -6,6 +6,7 @@ generation and Hub transfer live in the engine; this file never touches a tensor
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
@@ -83,10 +84,7 @@ class Services:
         raise ValueError(f"base model '{base[:80]}' is not offered here (choose one from the list)")
 
     def tokenizer(self):
-        from transformers import CLIPTokenizer
-
-        # The bundled tokenizer is CLIP's (SD-1.x's too): checks need no download.
-        return CLIPTokenizer.from_pretrained(ROOT / "personalization" / "assets" / "clip_tokenizer")
+        return bundled_tokenizer()
 
 
 @dataclass
@@ -99,6 +97,15 @@ class Session:
     subject_files: list[Path] = field(default_factory=list)
     job: TrainingJob | None = None
     hub_folders: dict[str, str] = field(default_factory=dict)
+
+
+@functools.cache
+def bundled_tokenizer():
+    """Read once: the trigger check runs on every keystroke. The bundled tokenizer is CLIP's (SD-1.x's too), so
+    checks need no download."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(ROOT / "personalization" / "assets" / "clip_tokenizer")
 
 
 def get_session(session: Session | None) -> Session:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import instance_phrase
+
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_DIR = "unet"
@@ -124,10 +126,7 @@ def read_artifact(folder: Path | str) -> ArtifactInfo:
         raise ArtifactError(f"{folder.name}: holds no weights ({EMBEDDINGS_FILE}, {LORA_FILE} or {UNET_DIR}/)")
     trigger = str(config.get("trigger_token") or "")
     noun = str(config.get("class_noun") or "")
-    if config.get("subject_type") == "style":
-        instance_prompt = f"a painting in {trigger} {noun}"
-    else:
-        instance_prompt = f"a photo of a {trigger} {noun}"
+    instance_prompt = instance_phrase(trigger, noun, str(config.get("subject_type") or "object"))
     return ArtifactInfo(
         folder=folder,
         base_model=str(config.get("base_model") or ""),

@@ -288,10 +288,8 @@ class TrainingConfig:
     # ---- instance prompt --------------------------------------------------------------------------------------
     def instance_prompt(self) -> str:
         """The trigger phrase people type: the trigger as an adjective before the class noun."""
-        trigger = self.trigger_token or default_trigger(self.class_noun)
-        if self.subject_type == "style":
-            return f"a painting in {trigger} {self.class_noun}"
-        return f"a photo of a {trigger} {self.class_noun}"
+        return instance_phrase(self.trigger_token or default_trigger(self.class_noun), self.class_noun,
+                               self.subject_type)
 
     def sample_prompts(self) -> list[str]:
         """Prompts for the samples on the card: the user's, else the trigger phrase and two new contexts."""
@@ -325,6 +323,13 @@ class TrainingConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config file {Path(path).name} must hold a JSON object")
         return cls.from_dict(values)
+
+
+def instance_phrase(trigger: str, class_noun: str, subject_type: str) -> str:
+    """The trigger as an adjective before the class noun ("a photo of a <my-dog> dog"); styles read "in <t> style"."""
+    if subject_type == "style":
+        return f"a painting in {trigger} {class_noun}"
+    return f"a photo of a {trigger} {class_noun}"
 
 
 def default_trigger(class_noun: str) -> str:

@@ -145,7 +145,7 @@ def load_subject_images(
 ) -> SubjectImages:
     """Open, check and square every image; raise :class:`ImageError` on the first bad file or a bad count."""
     files = list_image_files(source)
-    _check_count(len(files), max_images)
+    check_image_count(len(files), max_images)
     images, names, notes = [], [], []
     for path in files:
         image, file_notes = open_subject_image(path, resolution)
@@ -176,16 +176,12 @@ def sort_subject_images(
     return SubjectImages(images, names, notes), rejected
 
 
-def _check_count(count: int, max_images: int) -> None:
+def check_image_count(count: int, max_images: int = MAX_SUBJECT_IMAGES) -> None:
+    """Raise :class:`ImageError` unless ``1 <= count <= max_images``."""
     if count < 1:
         raise ImageError("no subject images: give at least 1 (3-10 photos work best)")
     if count > max_images:
         raise ImageError(f"{count} subject images is too many: at most {max_images} (3-10 photos work best)")
-
-
-def check_image_count(count: int, max_images: int = MAX_SUBJECT_IMAGES) -> None:
-    """Raise :class:`ImageError` unless ``1 <= count <= max_images``."""
-    _check_count(count, max_images)
 
 
 def to_tensor_batch(images: Sequence[Image.Image]) -> np.ndarray:
