@@ -126,6 +126,12 @@ def svg_plot(table: list[dict], path: Path) -> None:
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
+def write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="*", help="recipe labels (default: all)")
@@ -134,7 +140,7 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1")
     parser.add_argument("--score-seeds", type=int, default=4, help="images per scored prompt")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps (quick runs)")
-    parser.add_argument("--json", type=Path, help="write every run's scores")
+    parser.add_argument("--json", type=Path, help="every run's scores; runs already in this file are reused")
     parser.add_argument("--base-model", default=BUNDLED_MINI_MODEL,
                         help="a mini-world model folder (default: the bundled one); pin a snapshot while it trains")
     parser.add_argument("--svg", type=Path, default=ROOT / "docs" / "quality.svg")
@@ -143,25 +149,35 @@ def main() -> None:
     subjects = [p for p in sorted(EXAMPLES.iterdir()) if (p / "subject.json").is_file()
                 and (not args.subjects or p.name in args.subjects)]
     recipes = [(label, changes) for label, changes in RECIPES if not args.methods or label in args.methods]
+    # --json doubles as a resume file: runs already in it are kept and skipped, and it is rewritten after every
+    # run, so a grid of hours survives an interrupted session.
+    rows = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
+    done = {(row["method"], row["subject"], row["seed"]) for row in rows}
     generator = Generator()
-    rows = []
     with tempfile.TemporaryDirectory() as scratch_name:
-        for label, changes in recipes:
+        # Seeds outermost: a grid cut short still covers every method and subject evenly.
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for subject in subjects:
-                for seed in range(args.first_seed, args.first_seed + args.seeds):
+                for label, changes in recipes:
+                    if (label, subject.name, seed) in done:
+                        continue
                     row = run_one(label, changes, subject, seed, Path(scratch_name), generator, args.score_seeds,
                                   args.steps_scale, args.base_model)
                     rows.append(row)
                     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
                           flush=True)
+                    if args.json:
+                        write_atomically(args.json, json.dumps(rows, indent=2))
+    labels = {label for label, _ in recipes}
+    names = {subject.name for subject in subjects}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    rows = [row for row in rows if row["method"] in labels and row["subject"] in names and row["seed"] in seeds]
     table = summarize(rows)
     print(f"\nmini world, {len(subjects)} subjects x {args.seeds} seeds, on {choose_placement().describe()}; "
           f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; commit {commit()}\n")
     print(markdown(table))
     svg_plot(table, args.svg)
     print(f"\nplot: {args.svg}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -76,3 +76,58 @@ def portable_base_model(base_model: str) -> str:
     if path.is_absolute() or base_model.startswith((".", "~")) or (path.exists() and path.is_dir()):
         return f"local:{path.resolve().name}"
     return base_model
+
+
+# Peak training memory of SD-1.5 (U-Net 859.5 M parameters) at 512 px, measured on an H200 (brief, physics.md):
+# full U-Net with AdamW 17.0 GiB with or without gradient checkpointing, U-Net LoRA 6.8 GiB at batch 1, 10.0 at
+# batch 4. Other bases are scaled by their U-Net's parameter count.
+SD15_UNET_PARAMETERS = 859.5e6
+MEASURED_PEAK_GIB = {"full": 17.0, "lora": 10.0}
+# 8-bit Adam keeps 2 bytes of optimizer state per weight instead of 8: of the 16 bytes per trained weight
+# (weight, gradient, two moments) 6 go, so the full-U-Net peak shrinks by about 6/16.
+EIGHT_BIT_SAVING = 6 / 16
+USABLE_FRACTION = 0.9  # the CUDA context and the allocator's fragmentation take the rest
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    gradient_checkpointing: bool
+    use_8bit_adam: bool
+    note: str | None = None  # why options were switched on; None when the card has room as configured
+
+
+def plan_memory(unet_parameters: int, card_bytes: int | None, *, full_unet: bool, gradient_checkpointing: bool,
+                use_8bit_adam: bool, bitsandbytes_available: bool) -> MemoryPlan:
+    """Switch on the memory options a card needs for this U-Net; options the user chose are never switched off.
+
+    A T4 (15 GiB usable of 16) cannot hold the 17 GiB of a full SD-1.5 U-Net step, but can with 8-bit Adam and
+    gradient checkpointing; an 8 GB card runs LoRA with checkpointing. Without a card size (CPU) nothing changes.
+    """
+    asked = MemoryPlan(gradient_checkpointing, use_8bit_adam)
+    if card_bytes is None:
+        return asked
+    usable_gib = card_bytes / 2**30 * USABLE_FRACTION
+    need_gib = MEASURED_PEAK_GIB["full" if full_unet else "lora"] * unet_parameters / SD15_UNET_PARAMETERS
+    if full_unet and use_8bit_adam:
+        need_gib *= 1 - EIGHT_BIT_SAVING
+    if need_gib <= usable_gib:
+        return asked
+    switched = []
+    if not gradient_checkpointing:
+        switched.append("gradient checkpointing")
+    eight_bit = use_8bit_adam
+    if full_unet and not use_8bit_adam and bitsandbytes_available:
+        eight_bit = True
+        switched.append("8-bit Adam")
+    if not switched:
+        return asked
+    note = (f"this GPU has {card_bytes / 2**30:.0f} GiB and the step needs about {need_gib:.0f} GiB as configured: "
+            f"switched on {' and '.join(switched)}")
+    return MemoryPlan(True, eight_bit, note)
+
+
+def gpu_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the card ``device`` is on; None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory

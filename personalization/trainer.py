@@ -8,6 +8,7 @@ run the stages, then write the artifact folder in one atomic rename.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -29,7 +30,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import artifacts
 from .config import TrainingConfig
-from .device import Placement, choose_placement, default_base_model, portable_base_model, resolve_base_model_path
+from .device import (
+    Placement,
+    choose_placement,
+    default_base_model,
+    gpu_memory_bytes,
+    plan_memory,
+    portable_base_model,
+    resolve_base_model_path,
+)
 from .images import SubjectImages, list_image_files, load_subject_images, to_tensor_batch
 from .progress import CancelFlag, ProgressCallback, ProgressEvent
 from .recipes import Recipe, StagePlan, recipe_for
@@ -258,6 +267,23 @@ def _make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: f
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+def _fit_memory(config: TrainingConfig, recipe: Recipe, comps: Components, placement: Placement,
+                notes: list[str]) -> TrainingConfig:
+    """Switch on gradient checkpointing / 8-bit Adam where the card is too small for the recipe as configured."""
+    trains_unet = [stage.trainable for stage in recipe.stages if stage.trainable != "embedding"]
+    if not trains_unet:
+        return config
+    plan = plan_memory(sum(p.numel() for p in comps.unet.parameters()), gpu_memory_bytes(placement.device),
+                       full_unet="unet_full" in trains_unet, gradient_checkpointing=config.gradient_checkpointing,
+                       use_8bit_adam=config.use_8bit_adam,
+                       bitsandbytes_available=importlib.util.find_spec("bitsandbytes") is not None)
+    if plan.note is None:
+        return config
+    notes.append(plan.note)
+    return TrainingConfig.from_dict({**config.to_dict(), "gradient_checkpointing": plan.gradient_checkpointing,
+                                     "use_8bit_adam": plan.use_8bit_adam})
+
+
 def _add_unet_lora(unet: UNet2DConditionModel, config: TrainingConfig) -> None:
     from peft import LoraConfig
 
@@ -471,6 +497,8 @@ def train(
     if accelerator.num_processes > 1:
         placement = Placement(accelerator.device, placement.mixed_precision)
     comps = load_components(base_path, placement)
+    notes = list(subject_images.notes)
+    config = _fit_memory(config, recipe, comps, placement, notes)
 
     trigger_id = None
     if recipe.learns_token:
@@ -481,7 +509,6 @@ def train(
         if not identifier.ok:
             raise TriggerError(f"identifier: {identifier.message}")
 
-    notes = list(subject_images.notes)
     class_latents = None
     if recipe.needs_class_images:
         # The main process fills the on-disk cache; the others read it once it is complete.

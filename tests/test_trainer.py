@@ -10,7 +10,14 @@ from personalization.images import load_subject_images
 from personalization.progress import CancelFlag, TrainingCancelled
 from personalization.recipes import recipe_for
 from personalization.tokens import add_trigger_token
-from personalization.trainer import StageContext, encode_images, load_components, run_stage, train
+from personalization.trainer import (
+    StageContext,
+    _make_optimizer,
+    encode_images,
+    load_components,
+    run_stage,
+    train,
+)
 from tests.tiny_pipeline import TINY_RESOLUTION
 
 
@@ -54,9 +61,12 @@ def test_stage1_moves_only_the_trigger_row_even_with_weight_decay(tiny_base, sub
             assert torch.equal(tensor, before[part][name]), f"{part}.{name}"
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_stage2_keeps_text_encoder_and_embedding_bit_identical(tiny_base, subject_dir, mode):
-    config = tiny_config(tiny_base, stage2_mode=mode, stage2_learning_rate=1e-3).resolved()
+@pytest.mark.parametrize(("mode", "memory_options"), [
+    ("lora", {}), ("full", {}), ("full", {"gradient_checkpointing": True, "use_8bit_adam": True}),
+    ("lora", {"gradient_checkpointing": True}),
+])
+def test_stage2_keeps_text_encoder_and_embedding_bit_identical(tiny_base, subject_dir, mode, memory_options):
+    config = tiny_config(tiny_base, stage2_mode=mode, stage2_learning_rate=1e-3, **memory_options).resolved()
     components = load_components(str(tiny_base), choose_placement("no", "cpu"))
     trigger_id = add_trigger_token(components.tokenizer, components.text_encoder, config.trigger_token, "box")
     stage1, stage2 = recipe_for(config).stages
@@ -189,3 +199,15 @@ def test_a_bad_trigger_is_refused_before_the_model_loads(tiny_base, subject_dir,
     with pytest.raises(ValueError, match=r"trigger token: 'dog' is already a word.*try '<dog>'"):
         train(tiny_config(configs_only, trigger_token="dog"), subject_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_8bit_adam_keeps_one_byte_moments_for_large_weights():
+    config = tiny_config(".", use_8bit_adam=True)
+    large, small = torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(8))
+    optimizer = _make_optimizer([large, small], 1e-3, 0.0, config, choose_placement("no", "cpu"))
+    before = large.detach().clone()
+    large.grad, small.grad = torch.randn_like(large), torch.randn_like(small)
+    optimizer.step()
+    assert not torch.equal(large.detach(), before)
+    assert optimizer.state[large]["state1"].dtype == torch.uint8
+    assert optimizer.state[large]["state2"].dtype == torch.uint8
