@@ -57,6 +57,14 @@ RECIPES = [
     ("dreambooth", {"method": "dreambooth"}),
     ("dreambooth_lora", {"method": "dreambooth_lora"}),
 ]
+# The same recipes with the memory and speed options: what a 16 GB / 8 GB card runs, and regional compilation.
+VARIANTS = [
+    ("two_stage (full) + 8-bit Adam + checkpointing",
+     {"method": "two_stage", "stage2_mode": "full", "use_8bit_adam": True, "gradient_checkpointing": True}),
+    ("two_stage (lora) + checkpointing",
+     {"method": "two_stage", "stage2_mode": "lora", "gradient_checkpointing": True}),
+    ("two_stage (full) + compile", {"method": "two_stage", "stage2_mode": "full", "compile_unet": True}),
+]
 
 
 def build_random_pipeline(folder: Path, kind: str) -> Path:
@@ -183,7 +191,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("mini", "sd15-random", "tiny"), default="mini")
     parser.add_argument("--steps", type=int, help="steps per stage (default: each method's default recipe)")
     parser.add_argument("--class-images", type=int, help="prior-preservation images (default: the config's)")
-    parser.add_argument("--recipes", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--recipes", nargs="*", help="labels to run (default: all, variants included)")
     parser.add_argument("--reference-repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
@@ -199,7 +207,7 @@ def main() -> None:
         resolution = default_resolution(base_path)
         subject = subject_folder(scratch / "subject", resolution)
         rows = []
-        for label, changes in RECIPES:
+        for label, changes in RECIPES + VARIANTS:
             if args.recipes and label not in args.recipes:
                 continue
             timings, total, training = timed_run(base, subject, changes, args.steps, args.class_images,

@@ -28,6 +28,7 @@ TRAIN_OPTIONS = {
 TRAIN_FLAGS = {
     "prior_preservation": "prior_preservation", "train_text_encoder": "train_text_encoder",
     "gradient_checkpointing": "gradient_checkpointing", "use_8bit_adam": "use_8bit_adam",
+    "compile_unet": "compile_unet",
 }
 
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", choices=MIXED_PRECISIONS)
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--use-8bit-adam", action="store_true")
+    train.add_argument("--compile-unet", action="store_true",
+                       help="torch.compile the U-Net's transformer blocks (regional): faster steps after a warm-up")
     train.add_argument("--validation-prompt", action="append", dest="validation_prompts",
                        help="prompt for the sample images (repeatable)")
     train.add_argument("--preview-interval", type=int, help="render a preview every N steps (0: never)")

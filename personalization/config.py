@@ -130,6 +130,7 @@ class TrainingConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
+    compile_unet: bool = False
 
     validation_prompts: list[str] = field(default_factory=list)
     preview_interval: int = 0

@@ -7,6 +7,7 @@ run the stages, then write the artifact folder in one atomic rename.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -110,6 +111,11 @@ def load_sampling_scheduler(base_model_path: str) -> SchedulerMixin:
     _library, class_name = index.get("scheduler", ["diffusers", "DDIMScheduler"])
     scheduler_class = getattr(diffusers, class_name, DDIMScheduler)
     return scheduler_class.from_pretrained(base_model_path, subfolder="scheduler")
+
+
+def eager_sampling() -> contextlib.AbstractContextManager:
+    """Previews and samples skip compiled blocks: an inference graph would be a second warm-up for a few images."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def sampling_pipeline(components: Components) -> StableDiffusionPipeline:
@@ -441,9 +447,10 @@ def render_preview(comps: Components, config: TrainingConfig, prompt: str,
         module.eval()
     resolution = config.resolution or comps.unet.config.sample_size * comps.vae_scale_factor
     generator = torch.Generator("cpu").manual_seed(config.seed)
-    image = sampling_pipeline(comps)(prompt, num_inference_steps=config.sample_steps, height=resolution,
-                                     width=resolution, guidance_scale=config.guidance_scale,
-                                     generator=generator).images[0]
+    with eager_sampling():
+        image = sampling_pipeline(comps)(prompt, num_inference_steps=config.sample_steps, height=resolution,
+                                         width=resolution, guidance_scale=config.guidance_scale,
+                                         generator=generator).images[0]
     for module, training in zip(trainable_modules, was_training, strict=True):
         module.train(training)
     return image
@@ -527,6 +534,10 @@ def train(
 
     summaries: list[StageSummary] = []
     training_started = time.perf_counter()
+    if config.compile_unet:
+        # Regional: each repeated transformer block is compiled once per shape, a fraction of a whole-U-Net
+        # compile's warm-up. The warm-up happens in the first steps and is counted in the training time.
+        comps.unet.compile_repeated_blocks()
     steps_before = 0
     for stage in recipe.stages:
         ctx = StageContext(comps, config, placement, accelerator, subject_latents, flip_offset, class_latents,
@@ -587,7 +598,7 @@ def _write_samples(comps: Components, config: TrainingConfig, folder: Path, canc
         cancel.raise_if_cancelled()
         generator = torch.Generator("cpu").manual_seed(config.seed + index)
         resolution = config.resolution or 512
-        with torch.no_grad():
+        with torch.no_grad(), eager_sampling():
             image = pipeline(prompts[index % len(prompts)], num_inference_steps=config.sample_steps,
                              guidance_scale=config.guidance_scale, height=resolution, width=resolution,
                              generator=generator).images[0]

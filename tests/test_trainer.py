@@ -211,3 +211,16 @@ def test_8bit_adam_keeps_one_byte_moments_for_large_weights():
     assert not torch.equal(large.detach(), before)
     assert optimizer.state[large]["state1"].dtype == torch.uint8
     assert optimizer.state[large]["state2"].dtype == torch.uint8
+
+
+def test_compiled_unet_trains_and_saves_the_plain_unet_layout(tiny_base, subject_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    result = train(tiny_config(tiny_base, stage2_mode="full", compile_unet=True, stage2_learning_rate=1e-3),
+                   subject_dir, tmp_path / "out")
+    assert result.config.compile_unet
+    assert all(math.isfinite(stage.final_loss) for stage in result.stages)
+    trained = UNet2DConditionModel.from_pretrained(result.output_dir / "unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(tiny_base / "unet").state_dict()
+    assert trained.keys() == base.keys()  # no "_orig_mod." prefixes from a wrapped module
+    assert any(not torch.equal(trained[name], base[name]) for name in base)
