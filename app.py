@@ -253,6 +253,7 @@ def form_to_config(values: dict[str, Any], session: Session) -> TrainingConfig:
         prior_preservation=bool(values["prior_preservation"]) and values["method"].startswith("dreambooth"),
         train_text_encoder=bool(values["train_text_encoder"]) and values["method"] == "dreambooth",
         gradient_checkpointing=bool(values["gradient_checkpointing"]), use_8bit_adam=bool(values["use_8bit_adam"]),
+        compile_unet=bool(values["compile_unet"]),
         **numbers,
     ).resolved()
 
@@ -290,8 +291,9 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
             prior = gr.Checkbox(False, label="DreamBooth: prior preservation (class images)")
             class_images = gr.Number(defaults[7], label="Class images", precision=0, minimum=1)
             text_encoder = gr.Checkbox(False, label="DreamBooth: train the text encoder")
-            checkpointing = gr.Checkbox(False, label="Gradient checkpointing (less memory)")
-            adam8 = gr.Checkbox(False, label="8-bit Adam (less memory, needs bitsandbytes)")
+            checkpointing = gr.Checkbox(False, label="Gradient checkpointing (less memory; on by itself on small GPUs)")
+            adam8 = gr.Checkbox(False, label="8-bit Adam (less memory; on by itself on small GPUs)")
+            compile_unet = gr.Checkbox(False, label="Compile the U-Net (GPU: faster steps after a warm-up)")
     estimate = gr.Markdown(elem_id="estimate")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start-training")
@@ -306,7 +308,7 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
             "stage1_learning_rate": stage1_lr, "stage2_steps": stage2_steps, "stage2_learning_rate": stage2_lr,
             "lora_rank": lora_rank, "max_batch_size": batch, "seed": seed, "class_images": class_images,
             "preview_interval": preview_interval, "prior_preservation": prior, "train_text_encoder": text_encoder,
-            "gradient_checkpointing": checkpointing, "use_8bit_adam": adam8}
+            "gradient_checkpointing": checkpointing, "use_8bit_adam": adam8, "compile_unet": compile_unet}
     by_component = {component: name for name, component in form.items()}
     numbers = [stage1_steps, stage1_lr, stage2_steps, stage2_lr, lora_rank, batch, seed, class_images,
                preview_interval]
@@ -378,6 +380,8 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         message = (f"✅ Trained **{METHOD_LABELS[config.method]}** in {format_seconds(seconds)}. "
                    f"Use **`{info.instance_prompt}`** in your prompts.\n\nSaved as run `{output.name}` — "
                    "open the Generate tab to try it, the Hub tab to push it.")
+        if job.result is not None and job.result.notes:
+            message += "\n\n" + "\n".join(f"- note: {note}" for note in job.result.notes)
         yield progress_html(None, "Done."), last_preview, message
 
     def cancel_training(session_value: Session | None) -> str:

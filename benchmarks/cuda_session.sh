@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The CUDA speed benchmark cut into parts that each fit one device call (10 minutes) of a 15-minute lease:
+#   a: the two-stage defaults and DreamBooth with prior preservation end to end (the 3x claim), plus the reference step
+#   b: the memory options (full: 8-bit Adam + checkpointing; LoRA: checkpointing) and regional compilation
+#   c: the other baselines' step costs (60 steps each: ms/step, not end to end)
+# On the device:  bash benchmarks/cuda_session.sh a   (carry .whl, made here by scripts/fetch_gpu_wheels.sh)
+# Smoke run on a CPU:  MODEL=tiny STEPS=5 bash benchmarks/cuda_session.sh a
+set -euo pipefail
+PART="${1:?usage: cuda_session.sh a|b|c}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+MODEL="${MODEL:-sd15-random}"
+RESULTS="${OUT:-$ROOT/benchmarks/results}"
+mkdir -p "$RESULTS"
+if ! "$PYTHON" -c "import diffusers, peft" 2>/dev/null; then
+  "$PYTHON" -m pip install --quiet --no-deps "$ROOT"/.whl/*.whl
+fi
+steps=()
+if [ -n "${STEPS:-}" ]; then steps=(--steps "$STEPS"); fi
+speed() { "$PYTHON" "$ROOT/benchmarks/speed.py" --model "$MODEL" "$@"; }
+case "$PART" in
+  a) speed "${steps[@]}" --recipes "two_stage (full)" "two_stage (lora)" "dreambooth + prior" \
+       --json "$RESULTS/speed-$MODEL-a.json" ;;
+  b) speed "${steps[@]}" --recipes "two_stage (full) + 8-bit Adam + checkpointing" "two_stage (lora) + checkpointing" \
+       "two_stage (full) + compile" --reference-repeats 3 --json "$RESULTS/speed-$MODEL-b.json" ;;
+  c) speed --steps "${STEPS:-60}" --recipes textual_inversion dreambooth dreambooth_lora --reference-repeats 3 \
+       --json "$RESULTS/speed-$MODEL-c.json" ;;
+  *) echo "unknown part $PART: use a, b or c" >&2; exit 2 ;;
+esac
