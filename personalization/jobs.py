@@ -38,6 +38,12 @@ STEP_SECONDS = {
     # SD-1.5 on a CPU (offline.md: one full 512 px step ~45 s): possible, never sensible.
     "cpu": (40.0, 45.0, 45.0, 60.0),
 }
+# Gradient checkpointing recomputes the forward pass in the backward one: measured 2.2x per full-U-Net step on an
+# H200 (launch-bound at batch 1, physics.md); on compute-bound cards the extra forward is about a third of a step.
+CHECKPOINTING_SLOWDOWN = {"h200": 2.2, "h100": 2.2}
+DEFAULT_CHECKPOINTING_SLOWDOWN = 1.35
+# Cards on which the trainer's memory plan (device.plan_memory) switches checkpointing on for a full SD-1.5 U-Net.
+SMALL_CARDS = ("t4",)
 MODEL_LOAD_SECONDS = {"cpu-mini": 3.0}
 DEFAULT_LOAD_SECONDS = 25.0
 
@@ -61,17 +67,19 @@ def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) 
     key = hardware_key(device_name, base_model)
     embed, full, lora, image = STEP_SECONDS[key]
     unet_step = lora if config.uses_lora else full
-    seconds = MODEL_LOAD_SECONDS.get(key, DEFAULT_LOAD_SECONDS)
-    seconds += (config.stage1_steps or 0) * embed
+    load = MODEL_LOAD_SECONDS.get(key, DEFAULT_LOAD_SECONDS)
+    seconds = (config.stage1_steps or 0) * embed
     stage2 = (config.stage2_steps or 0) * unet_step
+    if config.gradient_checkpointing or (key in SMALL_CARDS and not config.uses_lora):
+        stage2 *= CHECKPOINTING_SLOWDOWN.get(key, DEFAULT_CHECKPOINTING_SLOWDOWN)
     if config.prior_preservation:
         stage2 *= 1.6  # instance + class batch
         seconds += config.class_images * image
     seconds += stage2 + config.sample_count * image
-    if key == "cpu-mini":
-        return seconds
-    # Steps scale with pixels; SD-1.5's own 512 px is the reference (other bases on a CPU are costed as SD-1.5).
-    return seconds * ((config.resolution or 512) / 512) ** 2 if config.resolution else seconds
+    if key != "cpu-mini" and config.resolution:
+        # Steps scale with pixels; SD-1.5's own 512 px is the reference (other bases on a CPU are costed as SD-1.5).
+        seconds *= (config.resolution / 512) ** 2
+    return load + seconds
 
 
 def describe_failure(error: BaseException) -> str:

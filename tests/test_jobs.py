@@ -1,0 +1,111 @@
+import os
+import time
+
+import pytest
+import torch
+
+from personalization.artifacts import CONFIG_FILE
+from personalization.config import ConfigError, TrainingConfig
+from personalization.device import BUNDLED_MINI_MODEL, SD15_HUB_ID
+from personalization.images import load_subject_images
+from personalization.jobs import (
+    DEFAULT_LOAD_SECONDS,
+    TrainingJob,
+    Workspace,
+    describe_failure,
+    estimate_seconds,
+    hardware_key,
+)
+from personalization.progress import TrainingCancelled
+from tests.tiny_pipeline import TINY_RESOLUTION
+
+
+def sd15(**changes) -> TrainingConfig:
+    return TrainingConfig(**{"class_noun": "dog", "base_model": SD15_HUB_ID, "resolution": 512, **changes})
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("Tesla T4", "t4"), ("NVIDIA A10G", "a10g"),
+    ("NVIDIA GeForce RTX 4090", "a10g"), ("CPU (2 threads, fp32)", "cpu"),
+])
+def test_hardware_rows_are_found_by_card_name(name, key):
+    assert hardware_key(name, SD15_HUB_ID) == key
+    assert hardware_key("CPU (2 threads, fp32)", BUNDLED_MINI_MODEL) == "cpu-mini"
+
+
+def test_estimate_counts_checkpointing_class_images_and_slower_cards():
+    plain = estimate_seconds(sd15(stage2_mode="full"), "NVIDIA H200", SD15_HUB_ID)
+    checkpointed = estimate_seconds(sd15(stage2_mode="full", gradient_checkpointing=True), "NVIDIA H200", SD15_HUB_ID)
+    assert checkpointed - plain == pytest.approx(300 * 0.098 * 1.2)
+    dreambooth = estimate_seconds(sd15(method="dreambooth"), "NVIDIA H200", SD15_HUB_ID)
+    with_prior = estimate_seconds(sd15(method="dreambooth", prior_preservation=True), "NVIDIA H200", SD15_HUB_ID)
+    assert with_prior - dreambooth == pytest.approx(800 * 0.098 * 0.6 + 100 * 1.06)
+    assert estimate_seconds(sd15(), "NVIDIA A10G", SD15_HUB_ID) > 3 * estimate_seconds(sd15(), "NVIDIA H200",
+                                                                                         SD15_HUB_ID)
+
+
+def test_a_t4_is_costed_with_the_checkpointing_its_memory_plan_switches_on():
+    full = sd15(stage2_mode="full")
+    assert estimate_seconds(full, "Tesla T4", SD15_HUB_ID) == pytest.approx(
+        estimate_seconds(sd15(stage2_mode="full", gradient_checkpointing=True), "Tesla T4", SD15_HUB_ID))
+    lora = sd15(stage2_mode="lora")
+    assert estimate_seconds(lora, "Tesla T4", SD15_HUB_ID) < estimate_seconds(
+        sd15(stage2_mode="lora", gradient_checkpointing=True), "Tesla T4", SD15_HUB_ID)
+
+
+def test_estimate_scales_steps_with_pixels_but_not_the_model_load():
+    small = estimate_seconds(sd15(resolution=256, sample_count=0), "NVIDIA H200", SD15_HUB_ID)
+    large = estimate_seconds(sd15(resolution=512, sample_count=0), "NVIDIA H200", SD15_HUB_ID)
+    load = DEFAULT_LOAD_SECONDS
+    assert small - load == pytest.approx((large - load) / 4)
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    (TrainingCancelled("stop"), "Training was cancelled; nothing was written."),
+    (ConfigError("stage1_steps must be an integer in [0, 100000], got -1"),
+     "stage1_steps must be an integer in [0, 100000], got -1"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+     "The GPU ran out of memory. Try LoRA instead of the full U-Net, turn on gradient checkpointing and 8-bit Adam, "
+     "or lower the batch size or the resolution."),
+    (KeyError("unet"), "Training failed: KeyError: 'unet'"),
+])
+def test_failures_become_one_sentence(error, message):
+    assert describe_failure(error) == message
+
+
+def test_job_streams_progress_to_the_end_and_writes_a_result(tiny_base, subject_dir, tmp_path):
+    config = TrainingConfig(class_noun="box", base_model=str(tiny_base), stage1_steps=2, stage2_steps=2,
+                            sample_count=0)
+    job = TrainingJob(config, load_subject_images(subject_dir, TINY_RESOLUTION), tmp_path / "run").start()
+    steps = [event.step for event in job.events(poll_seconds=0.05) if event.loss is not None]
+    job.wait()
+    assert job.error is None and job.failure_message is None
+    assert steps[-1] == 4 and steps == sorted(steps)
+    assert (tmp_path / "run" / CONFIG_FILE).is_file()
+
+
+def test_a_cancelled_job_reports_it_and_leaves_no_folder(tiny_base, subject_dir, tmp_path):
+    config = TrainingConfig(class_noun="box", base_model=str(tiny_base), stage1_steps=500, stage2_steps=0,
+                            sample_count=0)
+    job = TrainingJob(config, load_subject_images(subject_dir, TINY_RESOLUTION), tmp_path / "run").start()
+    for event in job.events(poll_seconds=0.05):
+        if event.loss is not None:
+            job.cancel()
+    job.wait()
+    assert isinstance(job.error, TrainingCancelled)
+    assert job.failure_message == "Training was cancelled; nothing was written."
+    assert not (tmp_path / "run").exists()
+
+
+def test_workspace_lists_finished_runs_only_and_old_sessions_are_removed(tmp_path):
+    workspace = Workspace(tmp_path / "sessions", "abc")
+    run = workspace.new_run_dir("My Dog!")
+    assert run.parent == workspace.folder and "-my-dog-" in run.name
+    run.mkdir()  # a folder without a config: a run still being written
+    assert workspace.runs() == []
+
+    old = Workspace(tmp_path / "sessions", "old")
+    stale = time.time() - 48 * 3600
+    os.utime(old.folder, (stale, stale))
+    assert Workspace.clean_old(tmp_path / "sessions") == 1
+    assert not old.folder.exists() and workspace.folder.exists()
