@@ -49,13 +49,15 @@ def run_one(label: str, changes: dict, subject: Path, seed: int, scratch: Path, 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     out = scratch / f"{label.replace(' ', '_')}-{subject.name}-{seed}"
+    cpu_started = time.process_time()
     result = train(config, subject, out)
+    cpu_seconds = time.process_time() - cpu_started
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     references = load_subject_images(subject, config.resolution or 32).images
     scores = score_personalization(generator, out, references, info.get("colors", ()), seeds=score_seeds,
                                    base_model=base_model)
     return {"method": label, "subject": subject.name, "seed": seed, "train_s": result.seconds_training,
-            "peak_gib": peak, **scores.as_dict()}
+            "cpu_s": cpu_seconds, "threads": torch.get_num_threads(), "peak_gib": peak, **scores.as_dict()}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -144,7 +146,14 @@ def main() -> None:
     parser.add_argument("--base-model", default=BUNDLED_MINI_MODEL,
                         help="a mini-world model folder (default: the bundled one); pin a snapshot while it trains")
     parser.add_argument("--svg", type=Path, default=ROOT / "docs" / "quality.svg")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
+    parser.add_argument("--shard", default="1/1",
+                        help="K/N: run every N-th run starting at the K-th, so N processes (each with its own --json "
+                             "and --threads 1, pinned with taskset) share a grid")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shard_index, shard_count = (int(part) for part in args.shard.split("/"))
 
     subjects = [p for p in sorted(EXAMPLES.iterdir()) if (p / "subject.json").is_file()
                 and (not args.subjects or p.name in args.subjects)]
@@ -156,18 +165,17 @@ def main() -> None:
     generator = Generator()
     with tempfile.TemporaryDirectory() as scratch_name:
         # Seeds outermost: a grid cut short still covers every method and subject evenly.
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for subject in subjects:
-                for label, changes in recipes:
-                    if (label, subject.name, seed) in done:
-                        continue
-                    row = run_one(label, changes, subject, seed, Path(scratch_name), generator, args.score_seeds,
-                                  args.steps_scale, args.base_model)
-                    rows.append(row)
-                    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
-                          flush=True)
-                    if args.json:
-                        write_atomically(args.json, json.dumps(rows, indent=2))
+        grid = [(seed, subject, label, changes) for seed in range(args.first_seed, args.first_seed + args.seeds)
+                for subject in subjects for label, changes in recipes]
+        for seed, subject, label, changes in grid[shard_index - 1::shard_count]:
+            if (label, subject.name, seed) in done:
+                continue
+            row = run_one(label, changes, subject, seed, Path(scratch_name), generator, args.score_seeds,
+                          args.steps_scale, args.base_model)
+            rows.append(row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            if args.json:
+                write_atomically(args.json, json.dumps(rows, indent=2))
     labels = {label for label, _ in recipes}
     names = {subject.name for subject in subjects}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
