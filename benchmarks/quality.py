@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 import tempfile
@@ -65,8 +67,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for label in dict.fromkeys(row["method"] for row in rows):
         chosen = [row for row in rows if row["method"] == label]
         entry = {"method": label, "runs": len(chosen)}
-        for metric in (*METRICS, "base_subject_fidelity", "train_s"):
-            values = [row[metric] for row in chosen]
+        for metric in (*METRICS, "base_subject_fidelity", "train_s", "cpu_s"):
+            values = [row.get(metric, math.nan) for row in chosen]  # runs recorded before cpu_s have none
             entry[metric] = (statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
         table.append(entry)
     return table
@@ -74,7 +76,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     lines = ["| method | runs | subject fidelity | (base model) | background right | colour drift (pts) | "
-             "shape drift (pts) | training s |", "|---|---|---|---|---|---|---|---|"]
+             "shape drift (pts) | training s | CPU s of the run |", "|---|---|---|---|---|---|---|---|---|"]
     def cell(entry: dict, name: str, scale: float = 1.0, digits: int = 3) -> str:
         mean, spread = entry[name]
         return f"{mean * scale:.{digits}f} ± {spread * scale:.{digits}f}"
@@ -83,7 +85,7 @@ def markdown(table: list[dict]) -> str:
         lines.append(f"| {entry['method']} | {entry['runs']} | {cell(entry, 'subject_fidelity')} | "
                      f"{cell(entry, 'base_subject_fidelity')} | {cell(entry, 'background_accuracy', 100, 0)} % | "
                      f"{cell(entry, 'color_drift', 100, 0)} | {cell(entry, 'shape_drift', 100, 0)} | "
-                     f"{cell(entry, 'train_s', 1, 1)} |")
+                     f"{cell(entry, 'train_s', 1, 1)} | {cell(entry, 'cpu_s', 1, 0)} |")
     return "\n".join(lines)
 
 
@@ -181,8 +183,10 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows = [row for row in rows if row["method"] in labels and row["subject"] in names and row["seed"] in seeds]
     table = summarize(rows)
-    print(f"\nmini world, {len(subjects)} subjects x {args.seeds} seeds, on {choose_placement().describe()}; "
-          f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; commit {commit()}\n")
+    threads = sorted({row["threads"] for row in rows if "threads" in row}) or [torch.get_num_threads()]
+    print(f"\nmini world, {len(subjects)} subjects x {args.seeds} seeds, on {choose_placement().describe()} "
+          f"(runs used {'/'.join(map(str, threads))} torch thread(s)); {os.cpu_count()} cores; torch "
+          f"{torch.__version__}; {time.strftime('%Y-%m-%d')}; commit {commit()}\n")
     print(markdown(table))
     svg_plot(table, args.svg)
     print(f"\nplot: {args.svg}")
