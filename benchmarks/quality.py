@@ -130,6 +130,20 @@ def svg_plot(table: list[dict], path: Path) -> None:
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """FIELD=VALUE pairs; values are read as JSON (numbers, true/false, null) and otherwise kept as text."""
+    overrides = {}
+    for pair in pairs:
+        name, separator, text = pair.partition("=")
+        if not separator or name not in TrainingConfig.__dataclass_fields__:
+            raise SystemExit(f"--set {pair}: expected FIELD=VALUE with a TrainingConfig field")
+        try:
+            overrides[name] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[name] = text
+    return overrides
+
+
 def write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text, encoding="utf-8")
@@ -148,6 +162,9 @@ def main() -> None:
     parser.add_argument("--base-model", default=BUNDLED_MINI_MODEL,
                         help="a mini-world model folder (default: the bundled one); pin a snapshot while it trains")
     parser.add_argument("--svg", type=Path, default=ROOT / "docs" / "quality.svg")
+    parser.add_argument("--set", nargs="*", metavar="FIELD=VALUE",
+                        help="config changes for every chosen recipe, e.g. stage2_steps=500 (labels say so): "
+                             "how candidate defaults are compared")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
     parser.add_argument("--shard", default="1/1",
                         help="K/N: run every N-th run starting at the K-th, so N processes (each with its own --json "
@@ -160,6 +177,10 @@ def main() -> None:
     subjects = [p for p in sorted(EXAMPLES.iterdir()) if (p / "subject.json").is_file()
                 and (not args.subjects or p.name in args.subjects)]
     recipes = [(label, changes) for label, changes in RECIPES if not args.methods or label in args.methods]
+    if args.set:
+        overrides = parse_overrides(args.set)
+        suffix = " [" + ", ".join(f"{name}={value}" for name, value in overrides.items()) + "]"
+        recipes = [(label + suffix, {**changes, **overrides}) for label, changes in recipes]
     # --json doubles as a resume file: runs already in it are kept and skipped, and it is rewritten after every
     # run, so a grid of hours survives an interrupted session.
     rows = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
