@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -64,7 +65,10 @@ def run_one(label: str, changes: dict, subject: Path, seed: int, scratch: Path, 
 
 def summarize(rows: list[dict]) -> list[dict]:
     table = []
-    for label in dict.fromkeys(row["method"] for row in rows):
+    known = [label for label, _ in RECIPES]
+    labels = sorted(dict.fromkeys(row["method"] for row in rows),
+                    key=lambda label: (known.index(label.split(" [")[0]) if label.split(" [")[0] in known else 99))
+    for label in labels:
         chosen = [row for row in rows if row["method"] == label]
         entry = {"method": label, "runs": len(chosen)}
         for metric in (*METRICS, "base_subject_fidelity", "train_s", "cpu_s"):
@@ -144,6 +148,11 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def hardware_name() -> str:
+    placement = choose_placement()
+    return placement.describe() if placement.device.type == "cuda" else f"CPU ({platform.processor() or 'x86'}, fp32)"
+
+
 def write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text, encoding="utf-8")
@@ -205,7 +214,7 @@ def main() -> None:
     rows = [row for row in rows if row["method"] in labels and row["subject"] in names and row["seed"] in seeds]
     table = summarize(rows)
     threads = sorted({row["threads"] for row in rows if "threads" in row}) or [torch.get_num_threads()]
-    print(f"\nmini world, {len(subjects)} subjects x {args.seeds} seeds, on {choose_placement().describe()} "
+    print(f"\nmini world, {len(subjects)} subjects x {args.seeds} seeds, on {hardware_name()} "
           f"(runs used {'/'.join(map(str, threads))} torch thread(s)); {os.cpu_count()} cores; torch "
           f"{torch.__version__}; {time.strftime('%Y-%m-%d')}; commit {commit()}\n")
     print(markdown(table))
