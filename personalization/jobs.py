@@ -33,7 +33,7 @@ STEP_SECONDS = {
     "a10g": (0.75, 0.65, 1.05, 6.5),
     "l4": (0.80, 0.70, 1.10, 7.0),
     "t4": (1.50, 1.40, 2.10, 13.0),
-    # Measured on a 2-core CPU (2 threads): two-stage full 400 + 300 steps in 53 s, LoRA in 46 s.
+    # Measured on a 2-core CPU (2 threads, speed.py --model mini): two-stage full 400 + 300 steps 59 s, LoRA 43 s.
     "cpu-mini": (0.06, 0.10, 0.08, 0.3),
     # SD-1.5 on a CPU (offline.md: one full 512 px step ~45 s): possible, never sensible.
     "cpu": (40.0, 45.0, 45.0, 60.0),
