@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -65,14 +64,17 @@ def run_one(label: str, changes: dict, subject: Path, seed: int, scratch: Path, 
 
 def summarize(rows: list[dict]) -> list[dict]:
     table = []
-    known = [label for label, _ in RECIPES]
-    labels = sorted(dict.fromkeys(row["method"] for row in rows),
-                    key=lambda label: (known.index(label.split(" [")[0]) if label.split(" [")[0] in known else 99))
-    for label in labels:
+    recipe_order = [label for label, _ in RECIPES]
+
+    def position(label: str) -> int:  # "two_stage (full) [stage2_steps=500]" sorts with its recipe
+        recipe = label.split(" [")[0]
+        return recipe_order.index(recipe) if recipe in recipe_order else len(recipe_order)
+
+    for label in sorted(dict.fromkeys(row["method"] for row in rows), key=position):
         chosen = [row for row in rows if row["method"] == label]
         entry = {"method": label, "runs": len(chosen)}
         for metric in (*METRICS, "base_subject_fidelity", "train_s", "cpu_s"):
-            values = [row.get(metric, math.nan) for row in chosen]  # runs recorded before cpu_s have none
+            values = [row[metric] for row in chosen]
             entry[metric] = (statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
         table.append(entry)
     return table
@@ -208,10 +210,8 @@ def main() -> None:
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             if args.json:
                 write_atomically(args.json, json.dumps(rows, indent=2))
-    labels = {label for label, _ in recipes}
-    names = {subject.name for subject in subjects}
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    rows = [row for row in rows if row["method"] in labels and row["subject"] in names and row["seed"] in seeds]
+    wanted = {(label, subject.name, seed) for seed, subject, label, _ in grid}
+    rows = [row for row in rows if (row["method"], row["subject"], row["seed"]) in wanted]
     table = summarize(rows)
     threads = sorted({row["threads"] for row in rows if "threads" in row}) or [torch.get_num_threads()]
     print(f"\nmini world, {len(subjects)} subjects x {args.seeds} seeds, on {hardware_name()} "

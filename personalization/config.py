@@ -272,8 +272,8 @@ class TrainingConfig:
         if values["flip"] is None:
             values["flip"] = self.preset.flip
         if values["prompt_templates"] is None:
-            on_mini_world = self.base_model == BUNDLED_MINI_MODEL
-            values["prompt_templates"] = list(MINI_WORLD_TEMPLATES if on_mini_world else self.preset.prompt_templates)
+            templates = MINI_WORLD_TEMPLATES if self.on_mini_world else self.preset.prompt_templates
+            values["prompt_templates"] = list(templates)
         if values["class_prompt"] is None:
             values["class_prompt"] = f"a photo of a {values['class_noun']}"
         if self.method == "textual_inversion":
@@ -297,7 +297,7 @@ class TrainingConfig:
         if self.validation_prompts:
             return list(self.validation_prompts)
         phrase = self.instance_prompt()
-        if self.base_model == BUNDLED_MINI_MODEL:
+        if self.on_mini_world:
             return [phrase, f"{phrase} on a blue background", f"{phrase} on a green background"]
         return [phrase, f"{phrase} on the beach", f"a watercolor painting of a {self.trigger_token} {self.class_noun}"]
 

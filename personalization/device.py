@@ -80,7 +80,8 @@ def portable_base_model(base_model: str) -> str:
 
 # Peak training memory of SD-1.5 (U-Net 859.5 M parameters) at 512 px, measured on an H200 (brief, physics.md):
 # full U-Net with AdamW 17.0 GiB with or without gradient checkpointing, U-Net LoRA 6.8 GiB at batch 1, 10.0 at
-# batch 4. Other bases are scaled by their U-Net's parameter count.
+# batch 4 (an upper bound: that run stacked two adapters). Other bases are scaled by their U-Net's parameter count.
+# Not yet checked on a T4 or an 8 GB card.
 SD15_UNET_PARAMETERS = 859.5e6
 MEASURED_PEAK_GIB = {"full": 17.0, "lora": 10.0}
 # 8-bit Adam keeps 2 bytes of optimizer state per weight instead of 8: of the 16 bytes per trained weight

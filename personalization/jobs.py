@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .artifacts import ArtifactError, ArtifactInfo, read_artifact
 from .config import ConfigError, TrainingConfig
+from .device import BUNDLED_MINI_MODEL, SD15_UNET_PARAMETERS, plan_memory
 from .images import ImageError, SubjectImages
 from .progress import CancelFlag, ProgressEvent, TrainingCancelled
 from .tokens import TriggerError
@@ -42,16 +43,16 @@ STEP_SECONDS = {
 # H200 (launch-bound at batch 1, physics.md); on compute-bound cards the extra forward is about a third of a step.
 CHECKPOINTING_SLOWDOWN = {"h200": 2.2, "h100": 2.2}
 DEFAULT_CHECKPOINTING_SLOWDOWN = 1.35
-# Cards on which the trainer's memory plan (device.plan_memory) switches checkpointing on for a full SD-1.5 U-Net.
-SMALL_CARDS = ("t4",)
+# Memory of each card as torch reports it, so the estimate can apply the trainer's own memory plan
+# (device.plan_memory): e.g. a full SD-1.5 U-Net on a T4 trains with gradient checkpointing.
+CARD_BYTES = {"h200": 150_110_011_392, "h100": 85_045_395_456, "a100": 42_297_524_224, "a10g": 23_609_475_072,
+              "l4": 23_580_639_232, "t4": 15_835_660_288}
 MODEL_LOAD_SECONDS = {"cpu-mini": 3.0}
 DEFAULT_LOAD_SECONDS = 25.0
 
 
 def hardware_key(device_name: str, base_model: str) -> str:
     """Which row of :data:`STEP_SECONDS` describes this device (unknown GPUs count as A10G)."""
-    from .device import BUNDLED_MINI_MODEL
-
     name = device_name.lower()
     if name.startswith("cpu"):
         return "cpu-mini" if base_model == BUNDLED_MINI_MODEL else "cpu"
@@ -70,7 +71,10 @@ def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) 
     load = MODEL_LOAD_SECONDS.get(key, DEFAULT_LOAD_SECONDS)
     seconds = (config.stage1_steps or 0) * embed
     stage2 = (config.stage2_steps or 0) * unet_step
-    if config.gradient_checkpointing or (key in SMALL_CARDS and not config.uses_lora):
+    plan = plan_memory(int(SD15_UNET_PARAMETERS), CARD_BYTES.get(key), full_unet=not config.uses_lora,
+                       gradient_checkpointing=config.gradient_checkpointing, use_8bit_adam=config.use_8bit_adam,
+                       bitsandbytes_available=True)
+    if plan.gradient_checkpointing:
         stage2 *= CHECKPOINTING_SLOWDOWN.get(key, DEFAULT_CHECKPOINTING_SLOWDOWN)
     if config.prior_preservation:
         stage2 *= 1.6  # instance + class batch

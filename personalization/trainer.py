@@ -92,9 +92,14 @@ def default_resolution(base_model_path: str) -> int:
     return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def load_components(base_model_path: str, placement: Placement) -> Components:
-    """Load the base model's parts in fp32 (master weights; autocast does the low-precision compute)."""
-    tokenizer = CLIPTokenizer.from_pretrained(base_model_path, subfolder="tokenizer")
+def load_components(base_model_path: str, placement: Placement, *,
+                    tokenizer: CLIPTokenizer | None = None) -> Components:
+    """Load the base model's parts in fp32 (master weights; autocast does the low-precision compute).
+
+    ``tokenizer``: one already read from this base (the early trigger check's), so it is not read twice.
+    """
+    if tokenizer is None:
+        tokenizer = CLIPTokenizer.from_pretrained(base_model_path, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(base_model_path, subfolder="text_encoder", dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(base_model_path, subfolder="vae", dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(base_model_path, subfolder="unet", dtype=torch.float32)
@@ -485,7 +490,7 @@ def train(
             if image_file.resolve().is_relative_to(output_dir):
                 raise artifacts.ArtifactError(
                     f"{output_dir}: the subject images are inside the output folder; choose another --out")
-    base_model = config.base_model or default_base_model()
+    base_model = config.base_model
     base_path = resolve_base_model_path(base_model)
     resolution = config.resolution or default_resolution(base_path)
     if not isinstance(subject_images, SubjectImages):
@@ -494,7 +499,7 @@ def train(
         subject_images = SubjectImages([im.resize((resolution, resolution), Image.Resampling.LANCZOS)
                                         if im.size != (resolution, resolution) else im
                                         for im in subject_images.images], subject_images.names, subject_images.notes)
-    _check_trigger_early(base_path, config)
+    tokenizer = _check_trigger_early(base_path, config)
     config = TrainingConfig.from_dict({**config.to_dict(), "base_model": base_model, "resolution": resolution})
     recipe: Recipe = recipe_for(config)
 
@@ -503,7 +508,7 @@ def train(
     accelerator = Accelerator(mixed_precision=placement.mixed_precision, cpu=placement.device.type == "cpu")
     if accelerator.num_processes > 1:
         placement = Placement(accelerator.device, placement.mixed_precision)
-    comps = load_components(base_path, placement)
+    comps = load_components(base_path, placement, tokenizer=tokenizer)
     notes = list(subject_images.notes)
     config = _fit_memory(config, recipe, comps, placement, notes)
 
@@ -511,10 +516,6 @@ def train(
     if recipe.learns_token:
         trigger_id = add_trigger_token(comps.tokenizer, comps.text_encoder, config.trigger_token or "",
                                        config.init_word or config.class_noun)
-    else:
-        identifier = check_trigger(comps.tokenizer, config.trigger_token or "", allow_existing_word=True)
-        if not identifier.ok:
-            raise TriggerError(f"identifier: {identifier.message}")
 
     class_latents = None
     if recipe.needs_class_images:
@@ -563,14 +564,15 @@ def train(
     return result
 
 
-def _check_trigger_early(base_path: str, config: TrainingConfig) -> None:
-    """Refuse a bad trigger with the tokenizer alone, before minutes of loading the model."""
+def _check_trigger_early(base_path: str, config: TrainingConfig) -> CLIPTokenizer:
+    """Refuse a bad trigger with the tokenizer alone, before minutes of loading the model; return the tokenizer."""
     tokenizer = CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer")
     check = check_trigger(tokenizer, config.trigger_token or "", allow_existing_word=not config.learns_token)
     if not check.ok:
         hint = f" (try '{check.suggestion}')" if check.suggestion else ""
         label = "trigger token" if config.learns_token else "identifier"
         raise TriggerError(f"{label}: {check.message}{hint}")
+    return tokenizer
 
 
 def summary_dict(result: TrainingResult) -> dict[str, Any]:
