@@ -132,6 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     config = config_from_args(args)
+    subject_files = subject_files_said(args.images)
     bar: tqdm | None = None
 
     def show(event: ProgressEvent) -> None:
@@ -146,7 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
         bar.update(event.step - bar.n)
 
     try:
-        result = train(config, args.images, args.out, progress=show, overwrite=args.overwrite)
+        result = train(config, subject_files, args.out, progress=show, overwrite=args.overwrite)
     finally:
         if bar is not None:
             bar.close()
@@ -156,6 +157,16 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"trained {result.config.method} on {result.hardware}: {times}")
     print(f"wrote {result.output_dir} (trigger: {result.config.instance_prompt()})")
     return 0
+
+
+def subject_files_said(images: Path) -> list[Path]:
+    """The files train opens; each skipped one is noted now, before the long run, and so only once."""
+    from .images import scan_subject_files
+
+    files, skipped = scan_subject_files(images)
+    for item in skipped:
+        print(f"note: {item}")
+    return files
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -207,7 +218,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     info = read_artifact(args.artifact)
     base = args.base_model or info.base_model
     resolution = int(info.config.get("resolution") or 512)
-    references = load_subject_images(args.references, resolution).images
+    loaded = load_subject_images(args.references, resolution)
+    for note in loaded.notes:  # skipped files (an example's subject.json among them) and first-frame notes
+        print(f"note: {note}")
+    references = loaded.images
     generator = Generator()
     if base == BUNDLED_MINI_MODEL:
         from .mini_world.scoring import score_personalization

@@ -5,6 +5,9 @@ import numpy as np
 from PIL import Image
 
 from personalization.cli import main
+from personalization.images import sort_subject_images
+from tests.conftest import make_mixed_upload, make_subject_images
+from tests.tiny_pipeline import TINY_RESOLUTION
 
 
 def run_cli(*args, cwd=None):
@@ -69,3 +72,34 @@ def test_a_config_from_a_local_base_asks_for_the_folder(tmp_path, subject_dir):
     result = run_cli("train", "--config", str(config), "--images", str(subject_dir), "--out", str(tmp_path / "o"))
     assert result.returncode == 1
     assert "trained on a local base model (tiny-base0)" in result.stderr and "--base-model" in result.stderr
+
+
+def test_train_names_each_refused_file_until_the_folder_is_clean(tmp_path):
+    folder = tmp_path / "photos"
+    expected = make_mixed_upload(folder)
+    _, rejected = sort_subject_images(sorted(folder.iterdir()), TINY_RESOLUTION)
+    reasons = {r.name: r.reason for r in rejected}  # what the app shows for the same files
+    refused = sorted(name for name, outcome in expected.items() if outcome == "refused")
+    # The user fixes what the error names and runs again: every refused file is named, in the folder's order.
+    for name in refused:
+        result = run_cli("train", "--images", str(folder), "--class-noun", "dog", "--out", str(tmp_path / "out"),
+                         "--resolution", str(TINY_RESOLUTION), "--base-model", str(tmp_path / "nowhere"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == [f"error: {name}: {reasons[name]}"]
+        (folder / name).unlink()
+    assert not (tmp_path / "out").exists() and sorted(reasons) == refused
+
+
+def test_train_skips_system_files_and_says_so_once(tiny_base, tmp_path, capsys):
+    folder = make_subject_images(tmp_path / "photos")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(56))
+    (folder / "Thumbs.db").write_bytes(bytes.fromhex("d0cf11e0a1b11ae1") + bytes(504))
+    (folder / "rejects").mkdir()
+    code = main(["train", "--images", str(folder), "--class-noun", "box", "--out", str(tmp_path / "artifact"),
+                 "--base-model", str(tiny_base), "--stage1-steps", "1", "--stage2-steps", "1", "--samples", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for note in ("skipped .DS_Store (a macOS system file, not a photo)",
+                 "skipped Thumbs.db (a Windows system file, not a photo)",
+                 "skipped rejects/ (a sub-folder; only the files directly in the images folder are used)"):
+        assert out.count(note) == 1, out

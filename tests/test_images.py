@@ -1,4 +1,6 @@
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from personalization.images import (
     load_subject_images,
     sort_subject_images,
 )
+from tests.conftest import make_mixed_upload
+from tests.tiny_pipeline import TINY_RESOLUTION
 
 
 def save(image: Image.Image, path, **kwargs):
@@ -122,8 +126,79 @@ def test_sort_keeps_good_files_and_lists_bad_ones(tmp_path):
     assert "damaged" in rejected[0].reason or "not an image" in rejected[0].reason
 
 
-def test_hidden_files_are_skipped(tmp_path):
+def test_system_files_are_skipped_and_said(tmp_path):
     save(Image.new("RGB", (32, 32), (1, 2, 3)), tmp_path / "good.png")
     (tmp_path / "._good.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
     (tmp_path / ".DS_Store").write_bytes(b"\x00")
-    assert load_subject_images(tmp_path, resolution=16).names == ["good.png"]
+    loaded = load_subject_images(tmp_path, resolution=16)
+    assert loaded.names == ["good.png"]
+    assert loaded.notes == ["skipped .DS_Store (a macOS system file, not a photo)",
+                            "skipped ._good.png (a macOS resource fork, not a photo)"]
+
+
+def app_outcomes(files: list[Path]) -> dict[str, tuple[str, str]]:
+    """The app's lenient path: every uploaded file at once; the good ones kept, the others listed."""
+    kept, rejected = sort_subject_images(files, resolution=TINY_RESOLUTION)
+    outcomes = {name: ("used", "") for name in kept.names}
+    outcomes |= {r.name: ("refused", r.reason) for r in rejected}
+    outcomes |= {s.name: ("skipped", str(s)) for s in kept.skipped}
+    assert [str(s) for s in kept.skipped] == [n for n in kept.notes if n.startswith("skipped ")]
+    return outcomes
+
+
+def cli_outcomes(folder: Path) -> dict[str, tuple[str, str]]:
+    """The CLI's strict path: the run stops at the first refused file; the user removes it and runs again."""
+    refused: dict[str, tuple[str, str]] = {}
+    for _ in range(len(list(folder.iterdir())) + 1):
+        try:
+            loaded = load_subject_images(folder, resolution=TINY_RESOLUTION)
+            break
+        except ImageError as error:
+            name = next(p.name for p in folder.iterdir() if str(error).startswith(f"{p.name}: "))
+            refused[name] = ("refused", str(error).removeprefix(f"{name}: "))
+            (folder / name).unlink()
+    assert list(refused) == sorted(refused), "the CLI names the refused files in the folder's order"
+    outcomes = {name: ("used", "") for name in loaded.names} | refused
+    return outcomes | {s.name: ("skipped", str(s)) for s in loaded.skipped}
+
+
+def test_every_file_is_used_refused_or_skipped_alike_in_cli_and_app(tmp_path):
+    expected = make_mixed_upload(tmp_path / "upload")
+    app = app_outcomes(sorted((tmp_path / "upload").iterdir()))
+    cli = cli_outcomes(shutil.copytree(tmp_path / "upload", tmp_path / "cli"))
+    assert {name: outcome for name, (outcome, _) in app.items()} == expected
+    assert cli == app
+    assert app["drawing.svg"][1] == "SVG is a vector drawing, not a photo; export it as PNG or JPEG"
+    assert app["readme.txt"][1] == "not an image file Pillow can read"
+    assert app["damaged.png"][1].startswith("the file is damaged or truncated")
+    assert app["Thumbs.db"][1] == "skipped Thumbs.db (a Windows system file, not a photo)"
+    assert app[".DS_Store"][1] == "skipped .DS_Store (a macOS system file, not a photo)"
+
+
+def test_content_decides_not_the_name(tmp_path):
+    (tmp_path / "logo.png").write_text('<svg xmlns="http://www.w3.org/2000/svg"><rect/></svg>')
+    save(Image.new("RGB", (32, 32), (9, 9, 9)), tmp_path / "photo.txt", format="PNG")
+    # A real photo under a system file's name is used: only non-images are ever skipped.
+    save(Image.new("RGB", (32, 32), (9, 9, 9)), tmp_path / "._photo.jpg", format="JPEG")
+    kept, rejected = sort_subject_images(sorted(tmp_path.iterdir()), resolution=16)
+    assert kept.names == ["._photo.jpg", "photo.txt"] and not kept.notes
+    assert [str(r) for r in rejected] == ["logo.png: SVG is a vector drawing, not a photo; export it as PNG or JPEG"]
+
+
+def test_iphone_heic_gets_a_reason_that_says_what_to_do(tmp_path):
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    with pytest.raises(ImageError, match=r"^IMG_0001.HEIC: HEIC/HEIF .*export it as JPEG or PNG$"):
+        load_subject_images(path, resolution=16)
+
+
+def test_sub_folders_are_said_not_searched(tmp_path):
+    save(Image.new("RGB", (32, 32), (1, 2, 3)), tmp_path / "good.png")
+    save(Image.new("RGB", (32, 32), (1, 2, 3)), (tmp_path / "rejects").mkdir() or tmp_path / "rejects" / "old.png")
+    (tmp_path / "__MACOSX").mkdir()
+    loaded = load_subject_images(tmp_path, resolution=16)
+    assert loaded.names == ["good.png"]
+    assert loaded.notes == ["skipped __MACOSX/ (a macOS archive folder, not photos)",
+                            "skipped rejects/ (a sub-folder; only the files directly in the images folder are used)"]
+    kept, _ = sort_subject_images(sorted(tmp_path.iterdir()), resolution=16)
+    assert kept.notes == loaded.notes
