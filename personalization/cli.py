@@ -211,7 +211,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from .artifacts import read_artifact
-    from .device import BUNDLED_MINI_MODEL
+    from .config import is_mini_world_model
     from .generation import Generator
     from .images import load_subject_images
 
@@ -223,7 +223,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     references = loaded.images
     generator = Generator()
-    if base == BUNDLED_MINI_MODEL:
+    if is_mini_world_model(base):
         from .mini_world.scoring import score_personalization
 
         subject_file = Path(args.references) / "subject.json"

@@ -40,8 +40,12 @@ MINI_WORLD_UNET_LEARNING_RATES: dict[str, float] = {"full": 1e-4, "lora": 1e-3}
 # DreamBooth's identifier: an existing rare token whose prior is weak, as in the DreamBooth paper.
 DEFAULT_IDENTIFIER = "sks"
 
+# The mini world's name: its models say so in training_info.json (scripts/train_mini_model.py writes it), which is
+# how a folder is recognized by what it is, wherever it lives.
+MINI_WORLD_NAME = "mini-shapes"
+MINI_WORLD_INFO_FILE = "training_info.json"
 # The symbolic name of the mini model bundled in personalization/assets (see personalization.device).
-BUNDLED_MINI_MODEL = "bundled:mini-shapes"
+BUNDLED_MINI_MODEL = f"bundled:{MINI_WORLD_NAME}"
 
 ADJECTIVE_TEMPLATES = (
     "a photo of a {trigger} {noun}",
@@ -225,7 +229,7 @@ class TrainingConfig:
 
     @property
     def on_mini_world(self) -> bool:
-        return self.base_model == BUNDLED_MINI_MODEL
+        return is_mini_world_model(self.base_model)
 
     def default_stage2_mode(self) -> str:
         """The set mode, else LoRA (SD-size models: memory and a few-MB artifact), or the full U-Net on the mini
@@ -324,6 +328,23 @@ class TrainingConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config file {Path(path).name} must hold a JSON object")
         return cls.from_dict(values)
+
+
+def mini_world_info(base_model: str | None) -> dict[str, Any] | None:
+    """The training info of a local folder holding a mini-world model; None for anything else (Hub ids too)."""
+    if not base_model:
+        return None
+    try:
+        info = json.loads((Path(base_model).expanduser() / MINI_WORLD_INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no such folder or file, or not JSON: not a mini-world model
+        return None
+    return info if isinstance(info, dict) and info.get("world") == MINI_WORLD_NAME else None
+
+
+def is_mini_world_model(base_model: str | None) -> bool:
+    """Whether the mini-world recipe applies: the bundled name, or a folder (by any path, a copy, a retrained model)
+    whose training info names the world. A folder is judged by its content, never by how its path is spelled."""
+    return base_model == BUNDLED_MINI_MODEL or mini_world_info(base_model) is not None
 
 
 def instance_phrase(trigger: str, class_noun: str, subject_type: str) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .config import BUNDLED_MINI_MODEL  # defined with the config that records it; used and re-exported here
+# BUNDLED_MINI_MODEL is defined with the config that records it; used and re-exported here.
+from .config import BUNDLED_MINI_MODEL, mini_world_info
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MINI_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "mini_model"
@@ -66,10 +67,23 @@ def resolve_base_model_path(base_model: str) -> str:
     return base_model
 
 
-def portable_base_model(base_model: str) -> str:
-    """How a base model is recorded in configs and cards: Hub ids as they are, local folders by name only."""
+def is_bundled_mini_model(base_model: str) -> bool:
+    """The bundled model by name, or a folder holding the same export (the bundled folder by any path, or a copy):
+    the export's training info (step, export time) identifies it without hashing the weights."""
     if base_model == BUNDLED_MINI_MODEL:
-        return base_model
+        return True
+    info = mini_world_info(base_model)
+    return info is not None and info == mini_world_info(str(MINI_MODEL_DIR))
+
+
+def portable_base_model(base_model: str) -> str:
+    """How a base model is recorded in configs and cards: Hub ids as they are, local folders by name only.
+
+    The bundled model given by path is recorded by its bundled name: that loads on any machine with the engine,
+    where ``local:mini_model`` would make every user pass the folder again.
+    """
+    if is_bundled_mini_model(base_model):
+        return BUNDLED_MINI_MODEL
     if base_model in RENAMED_MODELS:
         return RENAMED_MODELS[base_model]
     path = Path(base_model).expanduser()

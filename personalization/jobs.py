@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import ArtifactError, ArtifactInfo, read_artifact
-from .config import ConfigError, TrainingConfig
-from .device import BUNDLED_MINI_MODEL, SD15_UNET_PARAMETERS, plan_memory
+from .config import ConfigError, TrainingConfig, is_mini_world_model
+from .device import SD15_UNET_PARAMETERS, plan_memory
 from .images import ImageError, SubjectImages
 from .progress import CancelFlag, ProgressEvent, TrainingCancelled
 from .tokens import TriggerError
@@ -55,7 +55,7 @@ def hardware_key(device_name: str, base_model: str) -> str:
     """Which row of :data:`STEP_SECONDS` describes this device (unknown GPUs count as A10G)."""
     name = device_name.lower()
     if name.startswith("cpu"):
-        return "cpu-mini" if base_model == BUNDLED_MINI_MODEL else "cpu"
+        return "cpu-mini" if is_mini_world_model(base_model) else "cpu"
     for key in ("h200", "h100", "a100", "a10g", "l4", "t4"):
         if key in name:
             return key

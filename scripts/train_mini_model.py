@@ -45,6 +45,7 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+from personalization.config import MINI_WORLD_NAME  # noqa: E402
 from personalization.mini_world import world  # noqa: E402
 
 TOKENIZER_DIR = REPO / "personalization" / "assets" / "clip_tokenizer"
@@ -189,6 +190,7 @@ def export_pipeline(
     # Components are copies made for export, so casting them does not touch the training weights.
     pipe.to(torch.float16)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    declare_fp32_text_encoder(tmp)
     # save_pretrained writes a 3.6 MB tokenizer.json; the vocab/merges pair is 1.5 MB and loads the same tokenizer.
     tok_dir = tmp / "tokenizer"
     shutil.rmtree(tok_dir)
@@ -204,6 +206,20 @@ def export_pipeline(
     os.replace(tmp, out)
     if old.exists():
         shutil.rmtree(old)
+
+
+def declare_fp32_text_encoder(folder: Path) -> None:
+    """Have transformers load the fp16-stored text encoder as fp32 unless a caller asks for another dtype.
+
+    transformers 5 loads a model in the dtype its config names, and save_pretrained writes the weights' fp16, while
+    diffusers loads the U-Net and VAE in fp32: a plain from_pretrained pipeline then mixed dtypes and failed, and
+    diffusers' textual-inversion example trained an fp16 embedding with AdamW (NaN at step 1). fp16 weights keep the
+    folder under 40 MB, and widening them to fp32 is exact.
+    """
+    config_file = folder / "text_encoder" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "float32"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def copy_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -395,6 +411,7 @@ def train_diffusion(args: argparse.Namespace, vae: AutoencoderKL, device: torch.
 
     def info() -> dict:
         return {
+            "world": MINI_WORLD_NAME,  # how the engine recognizes this model wherever the folder is
             "step": step,
             "batch_size": args.batch_size,
             "samples_seen": step * args.batch_size,

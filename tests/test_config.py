@@ -1,8 +1,13 @@
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
-from personalization.config import ConfigError, TrainingConfig, default_trigger
+from personalization.config import BUNDLED_MINI_MODEL, METHODS, ConfigError, TrainingConfig, default_trigger
+from personalization.device import MINI_MODEL_DIR, SD15_HUB_ID
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_resolved_fills_method_defaults_and_keeps_explicit_values():
@@ -109,3 +114,40 @@ def test_mini_world_defaults_follow_the_measurements():
     db_lora = TrainingConfig(class_noun="star", base_model="bundled:mini-shapes", method="dreambooth_lora").resolved()
     assert db_lora.stage2_mode == "lora" and db_lora.stage2_learning_rate == 1e-3
     assert TrainingConfig(class_noun="dog").resolved().stage2_mode == "lora"
+
+
+@pytest.fixture(scope="module")
+def mini_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(shutil.copytree(MINI_MODEL_DIR, tmp_path_factory.mktemp("elsewhere") / "my_model"))
+
+
+def _resolved_pair(base_model: str, reference: str, method: str) -> tuple[dict, dict]:
+    """Resolved configs (and sample prompts) for two base models, the base model itself left out."""
+    pair = []
+    for base in (base_model, reference):
+        config = TrainingConfig(class_noun="star", method=method, base_model=base).resolved()
+        pair.append({**config.to_dict(), "base_model": None, "sample_prompts": config.sample_prompts()})
+    return pair[0], pair[1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("form", ["relative path", "absolute path", "copy elsewhere"])
+def test_the_mini_model_by_path_gets_the_mini_world_recipe(form, method, mini_copy, monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = {"relative path": "personalization/assets/mini_model", "absolute path": str(MINI_MODEL_DIR),
+            "copy elsewhere": str(mini_copy)}[form]
+    by_path, by_name = _resolved_pair(base, BUNDLED_MINI_MODEL, method)
+    assert by_path == by_name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_folder_that_is_not_the_mini_model_gets_the_sd_recipe(method, tiny_base):
+    by_path, sd = _resolved_pair(str(tiny_base), SD15_HUB_ID, method)
+    assert by_path == sd
+    assert by_path != _resolved_pair(BUNDLED_MINI_MODEL, SD15_HUB_ID, method)[0]
+
+
+def test_a_training_info_without_the_world_marker_is_not_the_mini_world(tmp_path):
+    (tmp_path / "training_info.json").write_text(json.dumps({"step": 1}))
+    by_path, sd = _resolved_pair(str(tmp_path), SD15_HUB_ID, "two_stage")
+    assert by_path == sd
