@@ -6,12 +6,16 @@ generation and Hub transfer live in the engine; this file never touches a tensor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import json
+import math
 import os
+import re
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,8 @@ import gradio as gr
 from PIL import Image
 
 from personalization import hub
-from personalization.artifacts import CARD_FILE, ArtifactError, ArtifactInfo, read_artifact
-from personalization.config import PRESETS, ConfigError, TrainingConfig
+from personalization.artifacts import ArtifactError, ArtifactInfo, read_artifact
+from personalization.config import PRESETS, ConfigError, TrainingConfig, is_mini_world_model
 from personalization.device import (
     BUNDLED_MINI_MODEL,
     MINI_MODEL_DIR,
@@ -35,8 +39,7 @@ from personalization.device import (
 )
 from personalization.generation import GenerationRequest, Generator
 from personalization.images import ImageError, SubjectImages, sort_subject_images
-from personalization.jobs import TrainingJob, Workspace, describe_failure, estimate_seconds
-from personalization.model_card import set_repo_id
+from personalization.jobs import SessionCleaner, TrainingJob, Workspace, describe_failure, estimate_seconds
 from personalization.progress import CancelFlag, ProgressEvent, format_seconds
 from personalization.tokens import check_trigger, strip_trigger, suggest_trigger
 
@@ -44,14 +47,166 @@ ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "examples"
 WORK_ROOT = Path(os.environ.get("PERSONALIZATION_WORKDIR", Path(tempfile.gettempdir()) / "personalization-sessions"))
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
+SESSION_CLEANER = SessionCleaner(max_age_hours=24.0, interval_s=600.0)
 ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
 KNOWN_RESOLUTIONS = {SD15_HUB_ID: 512}
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 METHOD_LABELS = {
     "two_stage": "Two-stage (recommended)",
     "textual_inversion": "Textual Inversion",
     "dreambooth": "DreamBooth",
     "dreambooth_lora": "DreamBooth-LoRA",
 }
+
+
+# ---- form fields -----------------------------------------------------------------------------------------------------
+class UserError(gr.Error):
+    """A user's (or an API client's) mistake, shown as one sentence: not a crash, so never logged with a traceback."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, print_exception=False)
+
+
+class _Checked:
+    """A Gradio input that checks what a client sends before Gradio converts it.
+
+    The API is public and a client need not be the page: a value the field cannot take (text in a number, NaN, a
+    choice not offered, a huge string) becomes one sentence naming the field, instead of Gradio's generic error and a
+    traceback in the server log.
+    """
+
+    label: str | None
+    elem_id: str | None
+
+    def get_block_name(self) -> str:  # the page finds the component's frontend by this name: Gradio's own
+        return next(c for c in type(self).__mro__ if c.__module__.startswith("gradio.")).__name__.lower()
+
+    def preprocess(self, payload: Any) -> Any:
+        field_name = self.label or self.elem_id or "a field"
+        reason = self.refusal(payload)
+        if reason is None:
+            try:
+                return super().preprocess(payload)  # type: ignore[misc]
+            except Exception as error:  # whatever Gradio refuses, the client gets one sentence
+                reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else "cannot be read"
+        raise UserError(f"{field_name}: {reason}.")
+
+    def refusal(self, payload: Any) -> str | None:
+        """Why `payload` cannot be this field's value, or None."""
+        return None
+
+
+def _number_refusal(value: Any, *, whole: bool, minimum: float | None, maximum: float | None) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a number, got {str(value)[:40]!r}"
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if whole and value != int(value):
+        return f"must be a whole number, got {value}"
+    if minimum is not None and value < minimum:
+        return f"must be at least {minimum:g}, got {value:g}"
+    if maximum is not None and value > maximum:
+        return f"must be at most {maximum:g}, got {value:g}"
+    return None
+
+
+@contextlib.contextmanager
+def _no_stub_files() -> Iterator[None]:
+    """Gradio writes a `.pyi` stub beside the module of every component subclass when the class is created: a write
+    into the app's folder at import, which fails where that folder is read-only. Stubs only help editors."""
+    from gradio import component_meta
+
+    write_stub = component_meta.create_or_modify_pyi
+    component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        component_meta.create_or_modify_pyi = write_stub
+
+
+with _no_stub_files():
+    class FormNumber(_Checked, gr.Number):
+        def refusal(self, payload: Any) -> str | None:
+            if payload is None:
+                return None  # an empty box: the engine's default
+            return _number_refusal(payload, whole=self.precision == 0, minimum=self.minimum, maximum=self.maximum)
+
+
+    class FormSlider(_Checked, gr.Slider):
+        def refusal(self, payload: Any) -> str | None:
+            whole = float(self.step).is_integer() and float(self.minimum).is_integer()
+            return _number_refusal(payload, whole=whole, minimum=self.minimum, maximum=self.maximum)
+
+
+    class FormText(_Checked, gr.Textbox):
+        """Text with a length cap (prompts, names, tokens): a megabyte "prompt" is refused, not tokenized."""
+
+        def __init__(self, *args: Any, max_chars: int = 1000, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.max_chars = max_chars
+
+        def refusal(self, payload: Any) -> str | None:
+            if payload is None:
+                return None
+            if not isinstance(payload, str):
+                return f"must be text, got {type(payload).__name__}"
+            if len(payload) > self.max_chars:
+                return f"is too long ({len(payload)} characters, at most {self.max_chars})"
+            return None
+
+
+    class FormCheckbox(_Checked, gr.Checkbox):
+        def refusal(self, payload: Any) -> str | None:
+            if isinstance(payload, bool) or payload is None:
+                return None
+            return f"must be true or false, got {str(payload)[:40]!r}"
+
+
+    class _Choice(_Checked):
+        choices: list[tuple[str, Any]]
+        allow_custom_value: bool = False
+
+        def refusal(self, payload: Any) -> str | None:
+            if payload is None:
+                return None
+            offered = [value for _, value in self.choices]
+            if payload in offered:
+                return None
+            if self.allow_custom_value and isinstance(payload, str) and len(payload) <= 300:
+                return None  # checked against what the session owns by the handler
+            listed = ", ".join(str(value) for value in offered[:8]) or "none yet"
+            return f"{str(payload)[:80]!r} is not one of the choices ({listed})"
+
+
+    class FormRadio(_Choice, gr.Radio):
+        pass
+
+
+    class FormDropdown(_Choice, gr.Dropdown):
+        pass
+
+
+    class FormFiles(_Checked, gr.File):
+        pass
+
+
+class CheckedBlocks(gr.Blocks):
+    """gr.Blocks where the checks Gradio makes before a component sees a value (is this a file the user uploaded?
+    does the payload have the shape of the field's data model?) also answer in one sentence naming the field."""
+
+    async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except ValueError as error:  # InvalidPathError, or pydantic's ValidationError of a file list's shape
+            files = [block for block in block_fn.inputs if isinstance(block, gr.File)]
+            if not files:
+                raise
+            details = error.errors() if callable(getattr(error, "errors", None)) else None
+            reason = details[0]["msg"] if details else "not a file uploaded to this app"
+            field_name = files[0].label or "a file field"
+            raise UserError(f"{field_name}: {reason.rstrip('.')}.") from None
 
 
 # ---- services --------------------------------------------------------------------------------------------------------
@@ -109,7 +264,10 @@ def bundled_tokenizer():
 
 
 def get_session(session: Session | None) -> Session:
-    return session if session is not None else Session(Workspace(WORK_ROOT))
+    if session is not None:
+        return session
+    SESSION_CLEANER.maybe_clean(WORK_ROOT)  # a Space runs for weeks: idle sessions go as new ones arrive
+    return Session(Workspace(WORK_ROOT))
 
 
 def resolution_for(base_model: str) -> int:
@@ -150,8 +308,8 @@ def prepare_images(files: list[str] | None, base_model: str, session: Session | 
     kept, rejected = sort_subject_images(paths, resolution)
     session.subject = kept if len(kept) else None
     session.resolution = resolution
-    rejected_names = {r.name for r in rejected}
-    session.subject_files = [p for p in paths if p.name not in rejected_names]
+    left_out = {r.name for r in rejected} | {skipped.name for skipped in kept.skipped}
+    session.subject_files = [p for p in paths if p.name not in left_out]
     lines = [f"**{len(kept)} image(s) ready** at {resolution}×{resolution} px."]
     lines += [f"- refused `{html.escape(r.name)}`: {html.escape(r.reason)}" for r in rejected]
     lines += [f"- note: {html.escape(n)}" for n in kept.notes]
@@ -186,20 +344,22 @@ def build_upload_tab(services: Services, session: gr.State,
                      base_model: gr.Dropdown) -> dict[str, gr.components.Component]:
     with gr.Row():
         with gr.Column(scale=3):
-            files = gr.File(label="Photos of your subject", file_count="multiple", file_types=["image"],
+            files = FormFiles(label="Photos of your subject", file_count="multiple",  # any file: each is judged
                             elem_id="subject-files")
             examples = list(example_subjects())
             with gr.Row():
-                example = gr.Dropdown(examples, label="…or an example subject", value=None, elem_id="example")
+                example = FormDropdown(examples, label="…or an example subject", value=None, elem_id="example")
             status = gr.Markdown("Upload 3–10 photos of your subject (or pick an example).", elem_id="upload-status")
         with gr.Column(scale=4):
             gallery = gr.Gallery(label="Prepared images (what training sees)", columns=5, height=260,
                                  elem_id="prepared-gallery")
     with gr.Row():
-        subject_type = gr.Radio(list(PRESETS), value="object", label="Subject type (preset)")
-        class_noun = gr.Textbox(label="Class noun", placeholder="dog, backpack, star…", elem_id="class-noun")
+        subject_type = FormRadio(list(PRESETS), value="object", label="Subject type (preset)")
+        class_noun = FormText(label="Class noun", max_chars=100, placeholder="dog, backpack, star…",
+                              elem_id="class-noun")
         with gr.Column():
-            trigger = gr.Textbox(label="Trigger word", placeholder="<my-dog> (empty: suggested)", elem_id="trigger")
+            trigger = FormText(label="Trigger word", max_chars=100, placeholder="<my-dog> (empty: suggested)",
+                               elem_id="trigger")
             trigger_status = gr.Markdown("", elem_id="trigger-status")
             suggest = gr.Button("Suggest a trigger", size="sm")
 
@@ -235,7 +395,7 @@ def preset_values(subject_type: str, method: str, stage2_mode: str, base_model: 
     """The form's numbers for a preset and method, from the engine's own defaults."""
     config = TrainingConfig(class_noun="subject", subject_type=subject_type, method=method, stage2_mode=stage2_mode,
                             base_model=base_model).resolved()
-    preview = 50 if base_model == BUNDLED_MINI_MODEL else 100
+    preview = 50 if is_mini_world_model(base_model) else 100
     return [config.stage1_steps, config.stage1_learning_rate, config.stage2_steps, config.stage2_learning_rate,
             config.lora_rank, config.max_batch_size, config.seed, config.class_images, preview]
 
@@ -272,28 +432,29 @@ def progress_html(event: ProgressEvent | None, message: str = "") -> str:
 def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdown,
                     upload: dict[str, gr.components.Component]):
     with gr.Row():
-        method = gr.Radio([(label, key) for key, label in METHOD_LABELS.items()], value="two_stage", label="Method")
+        method = FormRadio([(label, key) for key, label in METHOD_LABELS.items()], value="two_stage", label="Method")
         default_mode = TrainingConfig(class_noun="subject", base_model=services.default_base).default_stage2_mode()
-        stage2_mode = gr.Radio(["lora", "full"], value=default_mode, label="Stage 2 (two-stage): LoRA or full U-Net")
+        stage2_mode = FormRadio(["lora", "full"], value=default_mode, label="Stage 2 (two-stage): LoRA or full U-Net")
     defaults = preset_values("object", "two_stage", default_mode, services.default_base)
     with gr.Accordion("Hyperparameters (prefilled by the preset)", open=False):
         with gr.Row():
-            stage1_steps = gr.Number(defaults[0], label="Stage 1 / TI steps", precision=0, minimum=0)
-            stage1_lr = gr.Number(defaults[1], label="Stage 1 / TI learning rate")
-            stage2_steps = gr.Number(defaults[2], label="U-Net steps", precision=0, minimum=0)
-            stage2_lr = gr.Number(defaults[3], label="U-Net learning rate")
+            stage1_steps = FormNumber(defaults[0], label="Stage 1 / TI steps", precision=0, minimum=0)
+            stage1_lr = FormNumber(defaults[1], label="Stage 1 / TI learning rate")
+            stage2_steps = FormNumber(defaults[2], label="U-Net steps", precision=0, minimum=0)
+            stage2_lr = FormNumber(defaults[3], label="U-Net learning rate")
         with gr.Row():
-            lora_rank = gr.Number(defaults[4], label="LoRA rank", precision=0, minimum=1)
-            batch = gr.Number(defaults[5], label="Images per step", precision=0, minimum=1)
-            seed = gr.Number(defaults[6], label="Seed", precision=0, minimum=0)
-            preview_interval = gr.Number(defaults[8], label="Preview every N steps (0: off)", precision=0, minimum=0)
+            lora_rank = FormNumber(defaults[4], label="LoRA rank", precision=0, minimum=1)
+            batch = FormNumber(defaults[5], label="Images per step", precision=0, minimum=1)
+            seed = FormNumber(defaults[6], label="Seed", precision=0, minimum=0)
+            preview_interval = FormNumber(defaults[8], label="Preview every N steps (0: off)", precision=0, minimum=0)
         with gr.Row():
-            prior = gr.Checkbox(False, label="DreamBooth: prior preservation (class images)")
-            class_images = gr.Number(defaults[7], label="Class images", precision=0, minimum=1)
-            text_encoder = gr.Checkbox(False, label="DreamBooth: train the text encoder")
-            checkpointing = gr.Checkbox(False, label="Gradient checkpointing (less memory; on by itself on small GPUs)")
-            adam8 = gr.Checkbox(False, label="8-bit Adam (less memory; on by itself on small GPUs)")
-            compile_unet = gr.Checkbox(False, label="Compile the U-Net (GPU: faster steps after a warm-up)")
+            prior = FormCheckbox(False, label="DreamBooth: prior preservation (class images)")
+            class_images = FormNumber(defaults[7], label="Class images", precision=0, minimum=1)
+            text_encoder = FormCheckbox(False, label="DreamBooth: train the text encoder")
+            checkpointing = FormCheckbox(False,
+                                         label="Gradient checkpointing (less memory; on by itself on small GPUs)")
+            adam8 = FormCheckbox(False, label="8-bit Adam (less memory; on by itself on small GPUs)")
+            compile_unet = FormCheckbox(False, label="Compile the U-Net (GPU: faster steps after a warm-up)")
     estimate = gr.Markdown(elem_id="estimate")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start-training")
@@ -336,8 +497,7 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         if session_value is None or session_value.subject is None or not len(session_value.subject):
             yield progress_html(None, "Upload subject images first (Upload tab)."), None, ""
             return
-        job = session_value.job
-        if job is not None and job.result is None and job.error is None:
+        if session_value.job is not None and session_value.job.state != "ended":
             yield progress_html(None, "A training is already running in this session."), None, ""
             return
         try:
@@ -357,37 +517,60 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         cancel_flag = CancelFlag(session_value.workspace.cancel_file)
         cancel_flag.reset()
         job = TrainingJob(config, session_value.subject, output, cancel_flag=cancel_flag)
-        session_value.job = job
-        yield progress_html(None, "Loading the base model…"), None, ""
-        last_preview = None
-        with services.gpu_lock:  # one training per GPU; the queue shows others their place
+        session_value.job = job  # visible to Cancel from now on, while it waits for the GPU too
+        with session_value.workspace.in_use():
+            yield from run_when_gpu_free(job)
+        cancel_flag.reset()
+        if job.state != "ended":  # cancelled while waiting: it never started
+            yield progress_html(None, "Cancelled before it started; nothing was trained or written."), None, ""
+            return
+        if job.error is not None:
+            yield progress_html(None, describe_failure(job.error)), None, ""
+            return
+        yield progress_html(None, "Done."), gr.skip(), trained_message(job)
+
+    def run_when_gpu_free(job: TrainingJob) -> Iterator[tuple[str, Any, str]]:
+        """One training per GPU: wait for it here, where Cancel can still stop the run before it starts."""
+        while not services.gpu_lock.acquire(timeout=0.5):
+            if job.cancel_flag.cancelled:
+                return
+            yield progress_html(None, "Waiting for the GPU: another training is running…"), None, ""
+        try:
+            if job.cancel_flag.cancelled:
+                return
+            yield progress_html(None, "Loading the base model…"), None, ""
             job.start()
             try:
                 for event in job.events():
-                    last_preview = for_display(event.preview) if event.preview is not None else last_preview
-                    yield progress_html(event), last_preview, ""
+                    preview = gr.skip() if event.preview is None else for_display(event.preview)
+                    yield progress_html(event), preview, ""
             finally:
                 # A closed browser tab closes this generator: stop the run before the GPU lock is released.
-                if job.result is None and job.error is None:
+                if job.state == "running":
                     job.cancel()
                 job.wait()
-        cancel_flag.reset()
-        if job.error is not None:
-            yield progress_html(None, describe_failure(job.error)), last_preview, ""
-            return
-        info = read_artifact(output)
+        finally:
+            services.gpu_lock.release()
+
+    def trained_message(job: TrainingJob) -> str:
+        info = read_artifact(job.output_dir)
         seconds = job.result.seconds_training if job.result is not None else 0.0
-        message = (f"✅ Trained **{METHOD_LABELS[config.method]}** in {format_seconds(seconds)}. "
-                   f"Use **`{info.instance_prompt}`** in your prompts.\n\nSaved as run `{output.name}` — "
+        message = (f"✅ Trained **{METHOD_LABELS[job.config.method]}** in {format_seconds(seconds)}. "
+                   f"Use **`{info.instance_prompt}`** in your prompts.\n\nSaved as run `{job.output_dir.name}` — "
                    "open the Generate tab to try it, the Hub tab to push it.")
-        if job.result is not None and job.result.notes:
-            message += "\n\n" + "\n".join(f"- note: {note}" for note in job.result.notes)
-        yield progress_html(None, "Done."), last_preview, message
+        notes = [note for note in job.result.notes if note not in job.subject_images.notes] if job.result else []
+        if notes:  # the upload's own notes were shown on the Upload tab
+            message += "\n\n" + "\n".join(f"- note: {note}" for note in notes)
+        return message
 
     def cancel_training(session_value: Session | None) -> str:
-        if session_value is None or session_value.job is None:
-            return progress_html(None, "Nothing to cancel.")
-        session_value.job.cancel()  # also touches the session's cancel file, which a ZeroGPU worker sees
+        job = session_value.job if session_value is not None else None
+        if job is None or job.state == "ended":
+            return progress_html(None, "Nothing is running or waiting in this session.")
+        waiting = job.state == "waiting"
+        job.cancel()  # also touches the session's cancel file, which a ZeroGPU worker sees
+        if waiting:
+            return progress_html(None, "Cancelled before it started; nothing was trained or written.")
         return progress_html(None, "Cancelling… (stops at the next step; nothing will be written)")
 
     preset_inputs = [upload["subject_type"], method, stage2_mode, base_model]
@@ -413,8 +596,9 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         import spaces  # present on ZeroGPU Spaces only
 
         train_function = spaces.GPU(duration=gpu_seconds)(start_training)
+    # No queue limit: each run waits for the GPU in start_training, where Cancel can still stop it.
     run_event = start.click(train_function, [session], [status, preview, result], inputs_kwargs=form,
-                            api_name="train", concurrency_limit=1, concurrency_id="gpu")
+                            api_name="train", concurrency_limit=None)
     cancel.click(cancel_training, session, status, api_name="cancel", queue=False)
     return {"run_event": run_event, "estimate": estimate, "show_estimate": show_estimate,
             "estimate_inputs": {*form.values(), session}}
@@ -458,22 +642,22 @@ def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.
     with gr.Row():
         # Custom values let API clients name a run they just trained (the choices refresh only in the browser);
         # resolve_source() checks every value against this session's own runs.
-        source = gr.Dropdown([], label="Model: a run of this session or a loaded Hub repo", elem_id="source",
+        source = FormDropdown([], label="Model: a run of this session or a loaded Hub repo", elem_id="source",
                              allow_custom_value=True)
         refresh = gr.Button("↻ Refresh", size="sm")
     with gr.Row():
-        repo_id = gr.Textbox(label="…or a Hub repo id", placeholder="user/my-dog", elem_id="hub-repo-id")
-        hub_token = gr.Textbox(label="Token (private repos)", type="password")
+        repo_id = FormText(label="…or a Hub repo id", max_chars=200, placeholder="user/my-dog", elem_id="hub-repo-id")
+        hub_token = FormText(label="Token (private repos)", max_chars=500, type="password")
         load_repo = gr.Button("Load from the Hub")
     load_status = gr.Markdown(elem_id="load-status")
-    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-    negative = gr.Textbox(label="Negative prompt", value="")
+    prompt = FormText(label="Prompt", lines=2, max_chars=2000, elem_id="prompt")
+    negative = FormText(label="Negative prompt", max_chars=2000, value="")
     with gr.Row():
-        seed = gr.Number(0, label="Seed", precision=0, minimum=0)
-        steps = gr.Slider(1, 100, 25, step=1, label="Steps")
-        guidance = gr.Slider(0, 15, 5.0, step=0.5, label="Guidance")
-        lora_scale = gr.Slider(0, 1.5, 1.0, step=0.05, label="LoRA scale")
-        count = gr.Slider(1, 4, 2, step=1, label="Images")
+        seed = FormNumber(0, label="Seed", precision=0, minimum=0)
+        steps = FormSlider(1, 100, 25, step=1, label="Steps")
+        guidance = FormSlider(0, 15, 5.0, step=0.5, label="Guidance")
+        lora_scale = FormSlider(0, 1.5, 1.0, step=0.05, label="LoRA scale")
+        count = FormSlider(1, 4, 2, step=1, label="Images")
     go = gr.Button("Generate", variant="primary", elem_id="generate")
     with gr.Row():
         base_gallery = gr.Gallery(label="Base model (same seed, trigger removed)", columns=2, elem_id="base-gallery")
@@ -495,10 +679,14 @@ def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.
     def load_from_hub(repo: str, token: str, session_value: Session | None, oauth_token: gr.OAuthToken | None = None):
         session_value = get_session(session_value)
         repo = (repo or "").strip()
-        if repo.count("/") != 1:
+        if not HUB_REPO_ID.fullmatch(repo):
             return "Give a repo id like `user/name`.", gr.update(), session_value
+        token_value = hub.resolve_token(token or (oauth_token.token if oauth_token else None))
         try:
-            folder = hub.download_repo(repo, hub.resolve_token(token or (oauth_token.token if oauth_token else None)))
+            # Files fetched with a token stay in this session's folder (removed with it), never the server's shared
+            # cache; download_repo also asks the Hub about this token before serving anything cached.
+            cache = session_value.workspace.hub_cache if token_value else None
+            folder = hub.download_repo(repo, token_value, cache_dir=cache)
             read_artifact(folder)
         except (hub.HubError, ArtifactError) as error:
             return f"⚠️ {html.escape(str(error), quote=False)}", gr.update(), session_value
@@ -510,21 +698,21 @@ def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.
                  guidance_value: float, scale: float, images: float, base_model: str | None,
                  session_value: Session | None):
         if session_value is None or not choice:
-            raise gr.Error("Train a model or load one from the Hub first.")
+            raise UserError("Train a model or load one from the Hub first.")
         try:
-            folder = resolve_source(session_value, choice)
             request = GenerationRequest(prompt=prompt_text, negative_prompt=negative_text, seed=int(seed_value or 0),
                                         steps=int(steps_value), guidance_scale=float(guidance_value),
                                         lora_scale=float(scale), num_images=int(images))
             request.validate()
-            with services.gpu_lock if ZERO_GPU else _null_lock():
+            folder = resolve_source(session_value, choice)
+            with services.gpu_lock if ZERO_GPU else contextlib.nullcontext():
                 base = base_for(read_artifact(folder), services.checked_base(base_model))
                 info = services.generator.apply(folder, base_model=base)
                 request.resolution = info.config.get("resolution")
                 personal = services.generator.generate(request)
                 base = services.generator.generate(request, personalized=False)
         except (ArtifactError, ValueError, OSError) as error:
-            raise gr.Error(str(error).splitlines()[0][:300]) from None
+            raise UserError(str(error).splitlines()[0][:300]) from None
         base_prompt = strip_trigger(prompt_text, info.trigger_token)
         return ([(for_display(im), f"base · {base_prompt}") for im in base],
                 [(for_display(im), f"seed {request.seed + i}") for i, im in enumerate(personal)])
@@ -538,14 +726,6 @@ def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.
     return {"source": source, "refresh": refresh_choices, "prompt": prompt}
 
 
-class _null_lock:  # stands in for a lock where none is needed
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 # ---- Hub tab ---------------------------------------------------------------------------------------------------------
 def build_hub_tab(services: Services, session: gr.State):
     gr.Markdown("Push a trained run to your Hugging Face account. Private by default; the token is used for this "
@@ -553,43 +733,46 @@ def build_hub_tab(services: Services, session: gr.State):
     with gr.Row():
         if ON_SPACE:
             gr.LoginButton()
-        token = gr.Textbox(label="Hugging Face write token (or sign in / set HF_TOKEN)", type="password",
-                           elem_id="hub-token")
+        token = FormText(label="Hugging Face write token (or sign in / set HF_TOKEN)", max_chars=500,
+                         type="password",
+                         elem_id="hub-token")
     with gr.Row():
-        run = gr.Dropdown([], label="Run to push", elem_id="push-run", allow_custom_value=True)  # see `source`
-        repo_name = gr.Textbox(label="Repo name", elem_id="repo-name")
-        private = gr.Checkbox(True, label="Private")
+        run = FormDropdown([], label="Run to push", elem_id="push-run", allow_custom_value=True)  # see `source`
+        repo_name = FormText(label="Repo name", max_chars=200, elem_id="repo-name")
+        private = FormCheckbox(True, label="Private")
     push = gr.Button("Push to the Hub", variant="primary", elem_id="push")
     status = gr.Markdown(elem_id="push-status")
 
     def choose_run(session_value: Session | None, choice: str | None) -> str:
         if session_value is None or not choice or choice.startswith("hub:"):
             return ""
-        info = read_artifact(resolve_source(session_value, choice))
+        try:
+            info = read_artifact(resolve_source(session_value, choice))
+        except ArtifactError:
+            return ""
         return hub.slugify_repo_name(f"{info.class_noun}-{info.trigger_token}-{info.method}")
 
     def do_push(choice: str | None, name: str, token_text: str, is_private: bool, session_value: Session | None,
-                oauth_token: gr.OAuthToken | None = None) -> str:
+                oauth_token: gr.OAuthToken | None = None) -> Iterator[str]:
         if session_value is None or not choice or choice.startswith("hub:"):
-            return "⚠️ Choose a run of this session to push."
+            yield "⚠️ Choose a run of this session to push."
+            return
         token_value = hub.resolve_token(token_text or (oauth_token.token if oauth_token else None))
         if token_value is None:
-            return "⚠️ No token: sign in with Hugging Face, paste a write token, or set HF_TOKEN."
+            yield "⚠️ No token: sign in with Hugging Face, paste a write token, or set HF_TOKEN."
+            return
         try:
             folder = resolve_source(session_value, choice)
-            name = (name or folder.name).strip().strip("/")
-            owner, _, bare = name.rpartition("/")  # "org/name" pushes to that namespace, a bare name to the token's
-            repo_id = f"{owner or hub.whoami(token_value)}/{hub.slugify_repo_name(bare)}"
-            card = folder / CARD_FILE
-            original_card = card.read_bytes()
-            try:  # the card names the repo it is pushed to; the local run keeps its own card, pushed or not
-                set_repo_id(folder, repo_id)
-                url = hub.push_folder(folder, repo_id, token_value, private=bool(is_private))
-            finally:
-                card.write_bytes(original_card)
-        except (hub.HubError, ArtifactError, OSError) as error:
-            return f"⚠️ {html.escape(str(error), quote=False)} (your local run is kept; you can retry)"
-        return f"✅ Pushed to [{url}]({url}) ({'private' if is_private else 'public'})."
+            name = (name or "").strip() or folder.name
+            yield f"⏳ Pushing `{html.escape(name)}` to the Hub… (a failing connection is retried for up to ~30 s)"
+            url = hub.push_artifact(folder, name, token_value, private=bool(is_private))
+        except hub.HubError as error:
+            yield f"⚠️ {html.escape(str(error), quote=False)}"  # the message says that the local run is kept
+            return
+        except (ArtifactError, OSError) as error:
+            yield f"⚠️ {html.escape(str(error), quote=False)} (your local run is kept; you can retry)"
+            return
+        yield f"✅ Pushed to [{url}]({url}) ({'private' if is_private else 'public'})."
 
     run.change(choose_run, [session, run], repo_name, queue=False, api_visibility="undocumented")
     push.click(do_push, [run, repo_name, token, private, session], status, api_name="push")
@@ -620,8 +803,8 @@ def banner(services: Services) -> str:
 def build_app(services: Services | None = None) -> gr.Blocks:
     services = services or Services(default_base=os.environ.get("BASE_MODEL") or default_base_model(),
                                     generator=Generator(), hardware=hardware_name())
-    Workspace.clean_old(WORK_ROOT)
-    with gr.Blocks(title="Personalize a diffusion model") as demo:
+    SESSION_CLEANER.maybe_clean(WORK_ROOT, now=True)
+    with CheckedBlocks(title="Personalize a diffusion model") as demo:
         session = gr.State(None)
         gr.Markdown("# Personalize a text-to-image model\nUpload a few photos of one subject, train, generate it "
                     "anywhere, push it to the Hub. Method: two-stage personalization (Zeng et al., 2024).")
@@ -631,7 +814,7 @@ def build_app(services: Services | None = None) -> gr.Blocks:
                 gr.Markdown(notice, elem_id="banner")
                 if ON_SPACE:
                     gr.DuplicateButton(size="sm")
-        base_model = gr.Dropdown(services.base_choices, value=services.default_base, label="Base model",
+        base_model = FormDropdown(services.base_choices, value=services.default_base, label="Base model",
                                  allow_custom_value=os.environ.get("ALLOW_ANY_BASE_MODEL") == "1",
                                  elem_id="base-model")
         gr.Markdown(f"Hardware: **{html.escape(services.hardware)}**")
@@ -654,10 +837,15 @@ def build_app(services: Services | None = None) -> gr.Blocks:
     return demo
 
 
+# Gradio's run history (on by default) keeps every call's inputs in the browser's localStorage and shows them at
+# /gradio_api/runs: the push and load tokens would sit there in clear text.
+LAUNCH_OPTIONS: dict[str, Any] = {"run_history": False, "css": CSS}
+
+
 def main() -> None:
     demo = build_app()
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), css=CSS)
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), **LAUNCH_OPTIONS)
 
 
 if __name__ == "__main__":

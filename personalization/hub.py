@@ -7,9 +7,13 @@ endpoint at import time, which would ignore an `HF_ENDPOINT` set later (tests, m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import tempfile
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's HTTP client; its transport errors mean "could not reach the Hub"
@@ -21,6 +25,8 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
+
+from .artifacts import CARD_FILE
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 FALLBACK_REPO_NAME = "personalized-model"
@@ -100,6 +106,31 @@ def _whoami(token: str, endpoint: str, *, action: str) -> str:
     return str(name)
 
 
+def resolve_repo_id(name: str, token: str, *, endpoint: str | None = None) -> str:
+    """The repo id a push goes to: `namespace/name` as given (the name made valid), a bare name under the token
+    owner's account (one `whoami` call)."""
+    name = name.strip().strip("/")
+    namespace, _, bare = name.rpartition("/")
+    if not namespace:
+        namespace = _whoami(token, _endpoint(endpoint), action="push")
+    return f"{namespace}/{slugify_repo_name(bare)}"
+
+
+def push_artifact(folder: Path, repo: str, token: str, *, private: bool = True, endpoint: str | None = None) -> str:
+    """Push an artifact folder to model repo `repo` (bare name or `namespace/name`) and return the repo's URL.
+
+    The model card is rendered for that repo in the upload itself: the local folder is only read, so a crash or two
+    overlapping pushes can never leave a local card (or another repo's card) naming the wrong repo.
+    """
+    from .model_card import card_for_repo  # the card module imports the training stack; pushing alone need not
+
+    folder = Path(folder)
+    _check_pushable(folder, token)
+    repo_id = resolve_repo_id(repo, token, endpoint=endpoint)
+    card = card_for_repo(folder, repo_id)
+    return push_folder(folder, repo_id, token, private=private, endpoint=endpoint, replaced_files={CARD_FILE: card})
+
+
 def push_folder(
     folder: Path,
     repo_name_or_id: str,
@@ -108,41 +139,63 @@ def push_folder(
     private: bool = True,
     endpoint: str | None = None,
     commit_message: str = "Upload personalized model",
+    replaced_files: dict[str, bytes] | None = None,
 ) -> str:
-    """Upload `folder` to a model repo on the Hub, creating the repo if needed, and return the repo's URL.
+    """Upload `folder` to a model repo on the Hub, creating the repo if needed; return the repo's URL.
 
     A bare name is put under the token owner's account. Checkpoint folders, optimizer state, `*.tmp` and hidden
-    files are left out. The local folder is only read, so a failed push can simply be retried.
+    files are left out; `replaced_files` (path in repo -> content) are uploaded instead of the local files of that
+    name. The local folder is only read, so a failed push can simply be retried.
     `private` only applies when the repo is created; an existing repo keeps its visibility.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise HubError(f"Cannot push '{folder}': the folder does not exist.")
-    if not (folder / "README.md").is_file():
-        raise HubError(f"Cannot push '{folder}': it has no README.md (model card).")
-    if not token:
-        raise HubError("Pushing needs a Hugging Face token with write access; log in or paste one.")
+    _check_pushable(folder, token)
     endpoint = _endpoint(endpoint)
-    name = repo_name_or_id.strip().strip("/")
-    if "/" in name:
-        namespace, _, bare = name.partition("/")
-        repo_id = f"{namespace}/{slugify_repo_name(bare)}"
-    else:
-        repo_id = f"{_whoami(token, endpoint, action='push')}/{slugify_repo_name(name)}"
+    repo_id = resolve_repo_id(repo_name_or_id, token, endpoint=endpoint)
     api = HfApi(endpoint=endpoint, token=token)
     try:
         _create_repo_if_missing(api, repo_id, private=private)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            commit_message=commit_message,
-            ignore_patterns=list(PUSH_IGNORE_PATTERNS),
-            token=token,
-        )
+        with _upload_view(folder, replaced_files or {}) as view:
+            api.upload_folder(repo_id=repo_id, folder_path=view, repo_type="model", commit_message=commit_message,
+                              ignore_patterns=list(PUSH_IGNORE_PATTERNS), token=token)
     except Exception as err:
         raise _to_hub_error(err, endpoint=endpoint, token=token, action="push", repo_id=repo_id) from None
     return repo_url(repo_id, endpoint)
+
+
+def _check_pushable(folder: Path, token: str | None) -> None:
+    if not folder.is_dir():
+        raise HubError(f"Cannot push '{folder}': the folder does not exist.")
+    if not (folder / CARD_FILE).is_file():
+        raise HubError(f"Cannot push '{folder}': it has no {CARD_FILE} (model card).")
+    if not token:
+        raise HubError("Pushing needs a Hugging Face token with write access; log in or paste one.")
+
+
+@contextlib.contextmanager
+def _upload_view(folder: Path, replaced_files: dict[str, bytes]) -> Iterator[Path]:
+    """`folder` as it is to be uploaded: itself, or a temporary copy (hard links where the file system allows) with
+    `replaced_files` written in. upload_folder (resumable, retried) only takes a folder, and the local one must not
+    be rewritten."""
+    if not replaced_files:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="push-") as temporary:
+        view = Path(temporary) / folder.name
+        for source in sorted(folder.rglob("*")):
+            relative = source.relative_to(folder).as_posix()
+            if relative in replaced_files or source.is_symlink() or not source.is_file():
+                continue  # links are never followed: a run folder holds only what the trainer wrote
+            target = view / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(source, target)
+        for relative, content in replaced_files.items():
+            (view / relative).parent.mkdir(parents=True, exist_ok=True)
+            (view / relative).write_bytes(content)  # a new file: never written through a link to the original
+        yield view
 
 
 def download_repo(
@@ -155,12 +208,16 @@ def download_repo(
     """Download every file of model repo `repo_id` and return the local snapshot folder.
 
     `token=None` downloads anonymously (a token saved on the machine is not used; see `resolve_token`).
-    Files already in the cache are not fetched again.
+    The Hub is asked first, on every call, whether this token may read the repo: `snapshot_download` alone answers
+    a refused token or a private repo from the cache when the Hub says 401/404, which on a shared server would hand
+    one user's private model to anyone naming it. Files already in the cache are not fetched again.
     """
     endpoint = _endpoint(endpoint)
+    api = HfApi(endpoint=endpoint, token=token or False)
     try:
-        path = HfApi(endpoint=endpoint, token=token or False).snapshot_download(
-            repo_id=repo_id, repo_type="model", cache_dir=cache_dir, token=token or False
+        revision = api.repo_info(repo_id, repo_type="model", token=token or False).sha
+        path = api.snapshot_download(
+            repo_id=repo_id, repo_type="model", revision=revision, cache_dir=cache_dir, token=token or False
         )
     except Exception as err:
         raise _to_hub_error(err, endpoint=endpoint, token=token, action="download", repo_id=repo_id) from None
@@ -176,14 +233,15 @@ def _create_repo_if_missing(api: HfApi, repo_id: str, *, private: bool) -> None:
         status = err.response.status_code
         if status == 409:
             return  # it exists and is ours
-        if status in (401, 402, 403):
-            # A token may write to an existing repo without being allowed to create one; the upload will tell.
-            try:
-                api.repo_info(repo_id, repo_type="model")
-                return
-            except HfHubHTTPError:
-                pass
-        raise err from None
+        if status not in (402, 403):
+            raise
+        # A token may write to an existing repo without being allowed to create one; the upload will tell.
+        try:
+            api.repo_info(repo_id, repo_type="model")
+        except HfHubHTTPError:
+            namespace = repo_id.split("/")[0]
+            raise HubError(f"this token cannot create a repo under '{namespace}' (not its account, or an "
+                           "organization it may not write to); push under your own name", status=status) from None
 
 
 def _endpoint(endpoint: str | None) -> str:
@@ -234,7 +292,7 @@ def _to_hub_error(
     elif action == "download" and isinstance(err, RepositoryNotFoundError):
         why = "no token was given" if not token else "this token cannot read it"
         message = f"no model repo '{repo_id}' on the Hub (or it is private and {why})"
-    elif action == "push" and status in (403, 409):
+    elif action == "push" and status in (403, 409):  # the repo exists (see _create_repo_if_missing)
         message = f"the repo '{repo_id}' exists and this token cannot write to it; choose another name"
     elif action == "push":
         message = f"push failed: {reason}{kept}"

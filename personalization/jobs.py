@@ -6,6 +6,9 @@ time estimate shown before a run starts. No gradio here: the app turns these int
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import queue
 import re
 import shutil
@@ -48,6 +51,7 @@ DEFAULT_CHECKPOINTING_SLOWDOWN = 1.35
 CARD_BYTES = {"h200": 150_110_011_392, "h100": 85_045_395_456, "a100": 42_297_524_224, "a10g": 23_609_475_072,
               "l4": 23_580_639_232, "t4": 15_835_660_288}
 MODEL_LOAD_SECONDS = {"cpu-mini": 3.0}
+IN_USE_PREFIX = ".in-use-"  # + pid: a session folder holding such a file of a live process is never cleaned
 DEFAULT_LOAD_SECONDS = 25.0
 
 
@@ -135,6 +139,13 @@ class TrainingJob:
     def cancel(self) -> None:
         self.cancel_flag.cancel()
 
+    @property
+    def state(self) -> str:
+        """"waiting" (created, not started: e.g. queued for the GPU), "running" or "ended"."""
+        if self.result is not None or self.error is not None:
+            return "ended"
+        return "waiting" if self._thread is None else "running"
+
     def events(self, poll_seconds: float = 0.25) -> Iterator[ProgressEvent]:
         """Progress events until the run ends; only the newest of a burst is kept, plus every preview."""
         while True:
@@ -176,6 +187,21 @@ class Workspace:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     @property
+    def hub_cache(self) -> Path:
+        """Where this session's downloads made with a token go: removed with the session, never shared."""
+        return self.folder / ".hub-cache"
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Mark the folder as busy (a run in progress) for the cleaning of every process, until the block ends."""
+        marker = self.folder / f"{IN_USE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        marker.touch()
+        try:
+            yield
+        finally:
+            marker.unlink(missing_ok=True)
+
+    @property
     def cancel_file(self) -> Path:
         """Touching this file cancels the session's running training, from any process."""
         return self.folder / ".cancel-requested"
@@ -198,17 +224,54 @@ class Workspace:
 
     @staticmethod
     def clean_old(root: Path, max_age_hours: float = 24.0) -> int:
-        """Remove session folders not modified for ``max_age_hours``; returns how many were removed."""
+        """Remove session folders not modified for ``max_age_hours``, except one whose run is in progress; returns
+        how many were removed."""
         root = Path(root)
         if not root.is_dir():
             return 0
         cutoff = time.time() - max_age_hours * 3600
         removed = 0
         for path in root.iterdir():
-            if path.is_dir() and _newest_mtime(path) < cutoff:
+            if path.is_dir() and not _in_use(path) and _newest_mtime(path) < cutoff:
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
         return removed
+
+
+class SessionCleaner:
+    """Removes idle session folders at most every ``interval_s``: a Space runs for weeks, and cleaning only at start
+    would let a month of uploads and runs pile up. Called on each new session; cheap when it is not yet time."""
+
+    def __init__(self, max_age_hours: float = 24.0, interval_s: float = 600.0) -> None:
+        self.max_age_hours, self.interval_s = max_age_hours, interval_s
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def maybe_clean(self, root: Path, *, now: bool = False) -> int:
+        """Clean `root` if ``interval_s`` passed since the last cleaning (or `now`); returns folders removed."""
+        with self._lock:
+            if not now and time.monotonic() - self._last < self.interval_s:
+                return 0
+            self._last = time.monotonic()
+        return Workspace.clean_old(root, self.max_age_hours)
+
+
+def _in_use(folder: Path) -> bool:
+    for marker in folder.glob(f"{IN_USE_PREFIX}*"):
+        pid = marker.name.removeprefix(IN_USE_PREFIX).split("-")[0]
+        if pid.isdigit() and _process_alive(int(pid)):
+            return True
+    return False
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def _newest_mtime(folder: Path) -> float:

@@ -33,6 +33,9 @@ LICENSES = {
     "stabilityai/stable-diffusion-2": "openrail++",
 }
 
+# Written into a local card's snippet; replaced by the real repo id in the copy that is pushed.
+REPO_PLACEHOLDER = "YOUR_NAME/THIS_REPO"
+
 
 def is_hub_id(base_model: str) -> bool:
     return base_model.count("/") == 1 and not base_model.startswith(("local:", "bundled:", "/", "."))
@@ -72,7 +75,7 @@ def _full_unet(config: TrainingConfig) -> bool:
 
 
 def build_model_card(
-    config: TrainingConfig, summary: dict[str, Any], sample_names: list[str], repo_id: str = "YOUR_NAME/THIS_REPO"
+    config: TrainingConfig, summary: dict[str, Any], sample_names: list[str], repo_id: str = REPO_PLACEHOLDER
 ) -> ModelCard:
     """The card for an artifact folder; ``config.base_model`` must already be portable (no local paths)."""
     base = config.base_model or ""
@@ -155,15 +158,13 @@ def _sample_prompt(config: TrainingConfig, index: int) -> str:
 
 
 def write_model_card(folder: Path, config: TrainingConfig, summary: dict[str, Any], sample_names: list[str],
-                     repo_id: str = "YOUR_NAME/THIS_REPO") -> Path:
+                     repo_id: str = REPO_PLACEHOLDER) -> Path:
     path = folder / artifacts.CARD_FILE
     build_model_card(config, summary, sample_names, repo_id).save(str(path))
     return path
 
 
-def set_repo_id(folder: Path, repo_id: str) -> Path:
-    """Rewrite the card's snippet for the repo it is pushed to (the placeholder becomes the real id)."""
-    path = folder / artifacts.CARD_FILE
-    text = path.read_text(encoding="utf-8").replace("YOUR_NAME/THIS_REPO", repo_id)
-    path.write_text(text, encoding="utf-8")
-    return path
+def card_for_repo(folder: Path, repo_id: str) -> bytes:
+    """The folder's card with its snippet naming `repo_id`: what is pushed there. The local card is not touched."""
+    text = (Path(folder) / artifacts.CARD_FILE).read_text(encoding="utf-8")
+    return text.replace(REPO_PLACEHOLDER, repo_id).encode("utf-8")

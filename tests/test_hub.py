@@ -14,6 +14,7 @@ import pytest
 from personalization.hub import (
     HubError,
     download_repo,
+    push_artifact,
     push_folder,
     repo_url,
     resolve_token,
@@ -139,15 +140,28 @@ def test_pushing_twice_to_the_same_repo(hub: FakeHub, result: Path, tmp_path: Pa
     assert tree(local) == {**PUSHED, "unet/config.json": b'{"sample_size": 16}\n'}
 
 
-@pytest.mark.parametrize("private", [False, True])
-def test_repo_owned_by_another_account(hub: FakeHub, result: Path, private: bool) -> None:
-    hub.add_repo("bob/taken", {"README.md": b"bob's model"}, private=private)
+def test_repo_owned_by_another_account(hub: FakeHub, result: Path) -> None:
+    hub.add_repo("bob/taken", {"README.md": b"bob's model"})
 
     with pytest.raises(HubError) as info:
         push_folder(result, "bob/taken", TOKEN, endpoint=hub.endpoint)
     assert str(info.value) == "the repo 'bob/taken' exists and this token cannot write to it; choose another name"
     assert info.value.status == 403
     assert hub.repos["bob/taken"].files == {"README.md": b"bob's model"}
+
+
+@pytest.mark.parametrize("existing", ["none", "private"])
+def test_another_namespace_is_not_said_to_exist(hub: FakeHub, result: Path, existing: str) -> None:
+    """A 403 under someone else's name says what is known: this token may not create there (a private repo of
+    theirs looks the same as no repo at all)."""
+    if existing == "private":
+        hub.add_repo("bob/taken", {"README.md": b"bob's model"}, private=True)
+    with pytest.raises(HubError) as info:
+        push_folder(result, "bob/taken", TOKEN, endpoint=hub.endpoint)
+    assert str(info.value) == ("this token cannot create a repo under 'bob' (not its account, or an organization "
+                               "it may not write to); push under your own name")
+    assert info.value.status == 403 and "exists" not in str(info.value)
+    assert set(hub.repos) == ({"bob/taken"} if existing == "private" else set())
 
 
 @pytest.mark.parametrize("how", ["unknown token", "revoked"])
@@ -308,3 +322,85 @@ def test_slugify_long_names_stay_valid() -> None:
 
     for text in ["A very long subject name " * 10, "x" * 200, "-" + "y" * 95 + "-z", "日本の猫", "a..b--c"]:
         validate_repo_id(f"alice/{slugify_repo_name(text)}")
+
+
+# ---- private repos on a shared server ----------------------------------------------------------------------------
+def test_a_private_repo_in_the_shared_cache_is_served_only_to_a_token_the_hub_accepts(
+    hub: FakeHub, result: Path, tmp_path: Path
+) -> None:
+    """Session A downloads a private repo with its token into the server's cache; B (no token), C (a token the Hub
+    refuses) and D (a valid token of another account) naming the same repo get an error, never the cached copy."""
+    push_folder(result, "secret", TOKEN, endpoint=hub.endpoint)
+    shared_cache = tmp_path / "server-cache"
+    assert tree(download_repo("alice/secret", TOKEN, endpoint=hub.endpoint, cache_dir=shared_cache)) == PUSHED
+
+    with pytest.raises(HubError, match=r"^no model repo 'alice/secret' .*no token was given"):
+        download_repo("alice/secret", None, endpoint=hub.endpoint, cache_dir=shared_cache)
+    with pytest.raises(HubError, match=r"^The Hugging Face token was refused: "):
+        download_repo("alice/secret", make_token("mallory"), endpoint=hub.endpoint, cache_dir=shared_cache)
+    with pytest.raises(HubError, match=r"this token cannot read it"):
+        download_repo("alice/secret", BOB_TOKEN, endpoint=hub.endpoint, cache_dir=shared_cache)
+    # The owner still gets the files, and a revoked token stops being served at once.
+    assert tree(download_repo("alice/secret", TOKEN, endpoint=hub.endpoint, cache_dir=shared_cache)) == PUSHED
+    hub.refuse_auth = True
+    with pytest.raises(HubError, match=r"^The Hugging Face token was refused: "):
+        download_repo("alice/secret", TOKEN, endpoint=hub.endpoint, cache_dir=shared_cache)
+
+
+def test_a_deleted_repo_is_not_served_from_the_cache(hub: FakeHub, result: Path, tmp_path: Path) -> None:
+    push_folder(result, "shared", TOKEN, private=False, endpoint=hub.endpoint)
+    download_repo("alice/shared", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+    del hub.repos["alice/shared"]
+    with pytest.raises(HubError, match=r"^no model repo 'alice/shared'"):
+        download_repo("alice/shared", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+
+
+# ---- push_artifact: the card names the repo it is pushed to; the local folder is only read -----------------------
+@pytest.fixture
+def artifact_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "run"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "README.md").write_text('# x\n```python\npipe.load_lora_weights("YOUR_NAME/THIS_REPO")\n```\n')
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(bytes(range(256)) * 8)
+    (folder / "samples" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    return folder
+
+
+def test_push_artifact_renders_the_card_for_its_repo_and_never_writes_locally(
+    hub: FakeHub, artifact_folder: Path
+) -> None:
+    before = tree(artifact_folder)
+    url = push_artifact(artifact_folder, "Box Lora", TOKEN, endpoint=hub.endpoint)
+    assert url == f"{hub.endpoint}/alice/box-lora"
+    pushed = hub.repos["alice/box-lora"]
+    assert pushed.private
+    assert pushed.files["README.md"] == before["README.md"].replace(b"YOUR_NAME/THIS_REPO", b"alice/box-lora")
+    assert {k: v for k, v in pushed.files.items() if k != "README.md"} == {
+        k: v for k, v in before.items() if k != "README.md"}
+    assert tree(artifact_folder) == before
+
+
+def test_overlapping_pushes_of_one_run_each_name_their_own_repo(hub: FakeHub, artifact_folder: Path) -> None:
+    """Two pushes of one run at once (two tabs, or a retry while the first still runs): each repo's card names that
+    repo, and the local card keeps its placeholder throughout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = tree(artifact_folder)
+    names = [f"copy-{index}" for index in range(4)]
+    with ThreadPoolExecutor(len(names)) as pool:
+        urls = list(pool.map(lambda name: push_artifact(artifact_folder, name, TOKEN, endpoint=hub.endpoint), names))
+    assert urls == [f"{hub.endpoint}/alice/{name}" for name in names]
+    for name in names:
+        card = hub.repos[f"alice/{name}"].files["README.md"].decode()
+        assert f'"alice/{name}"' in card and "YOUR_NAME" not in card
+        assert not any(f"alice/{other}" in card for other in names if other != name)
+    assert tree(artifact_folder) == before
+
+
+def test_push_artifact_needs_a_card_and_a_token(hub: FakeHub, artifact_folder: Path) -> None:
+    with pytest.raises(HubError, match="Pushing needs a Hugging Face token"):
+        push_artifact(artifact_folder, "x", "", endpoint=hub.endpoint)
+    (artifact_folder / "README.md").unlink()
+    with pytest.raises(HubError, match=r"has no README\.md"):
+        push_artifact(artifact_folder, "x", TOKEN, endpoint=hub.endpoint)
+    assert hub.repos == {}

@@ -4,7 +4,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from personalization.config import TrainingConfig
-from personalization.model_card import build_model_card, set_repo_id
+from personalization.model_card import build_model_card, card_for_repo
 from personalization.trainer import train
 
 
@@ -58,13 +58,12 @@ def test_full_unet_card_swaps_the_unet():
     assert "load_textual_inversion" not in card.text
 
 
-def test_set_repo_id_rewrites_the_snippet(artifact, tmp_path):
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(artifact, copy)
-    set_repo_id(copy, "bob/box")
-    assert 'pipe.load_textual_inversion("bob/box")' in (copy / "README.md").read_text()
+def test_card_for_repo_names_the_repo_and_leaves_the_local_card_alone(artifact):
+    local = (artifact / "README.md").read_bytes()
+    card = card_for_repo(artifact, "bob/box").decode()
+    assert 'pipe.load_textual_inversion("bob/box")' in card and "YOUR_NAME/THIS_REPO" not in card
+    assert card.encode() == local.replace(b"YOUR_NAME/THIS_REPO", b"bob/box")
+    assert (artifact / "README.md").read_bytes() == local
 
 
 def test_card_snippet_runs_against_the_local_folder(artifact, tiny_base):
