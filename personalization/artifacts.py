@@ -1,6 +1,6 @@
 """The artifact folder: exactly what is pushed to the Hub, loadable with plain diffusers (see hub-format.md).
 
-This module owns the file names and the atomic write of the folder.
+This module owns the file names and the atomic write of the folder, and clears what a killed write left behind.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,16 @@ CONFIG_FILE = "training_config.json"
 SUMMARY_FILE = "training_summary.json"
 SAMPLES_DIR = "samples"
 CARD_FILE = "README.md"
+
+# Hidden names beside a folder NAME during its write; both carry the writer's process id, so a later run can tell a
+# killed write's debris from a write in progress: .NAME.partial-<pid>-<random> (staging), .NAME.old-<pid> (the earlier
+# result, moved aside for the moment between the two renames).
+_STAGING_PATTERN = r"\.{name}\.partial-(\d+)-[0-9a-z_]+"
+_BACKUP_PATTERN = r"\.{name}\.old-(\d+)"
+_ANY_HIDDEN = re.compile(r"\.(?P<name>.+?)\.(?:partial-\d+-[0-9a-z_]+|old-\d+)")
+# This process's staging and backup folders now in use. Its own PID proves nothing: a killed run's PID is often
+# reused by the next one (a restarted container numbers its processes the same way).
+_IN_USE: set[Path] = set()
 
 
 class ArtifactError(ValueError):
@@ -110,6 +120,8 @@ def read_artifact(folder: Path | str) -> ArtifactInfo:
     """Describe an artifact folder or raise :class:`ArtifactError` naming what is missing."""
     folder = Path(folder)
     if not folder.is_dir():
+        recover_output_dir(folder)  # a run killed between its two renames left the earlier result aside
+    if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such artifact folder")
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
@@ -149,6 +161,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
     ``--out`` at a folder of photos, or at a home folder, must never delete it.
     """
     output_dir = Path(output_dir)
+    recover_output_dir(output_dir)  # the refusals below judge the folder as the last finished run left it
     if output_dir.exists() and not output_dir.is_dir():
         raise ArtifactError(f"{output_dir}: exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()):
@@ -166,23 +179,120 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output_dir``; on success it replaces ``output_dir`` in one rename.
+    """Yield a temporary folder beside ``output_dir``; on success it replaces ``output_dir``.
 
-    A crash or cancel removes the temporary folder and leaves ``output_dir`` as it was.
+    A crash or cancel removes the temporary folder and leaves ``output_dir`` as it was (see :func:`staged_replace`).
     """
     output_dir = Path(output_dir).resolve()  # "." and "out/.." have no usable name of their own
     prepare_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
+    with staged_replace(output_dir) as staging:
         yield staging
-        replaced = None
-        if output_dir.exists():
-            replaced = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-            os.replace(output_dir, replaced)
-        os.replace(staging, output_dir)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+@contextlib.contextmanager
+def staged_replace(target: Path | str) -> Iterator[Path]:
+    """Yield a new hidden staging folder beside ``target``; when the block ends without error it replaces ``target``.
+
+    No refusals here (that is :func:`prepare_output_dir`). An error or interrupt anywhere leaves ``target`` as it was,
+    or the new one once the second rename is done; a kill leaves only names :func:`recover_output_dir` clears.
+    """
+    target = Path(target).resolve()
+    recover_output_dir(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    staging = target.with_name(f".{target.name}.partial-{pid}-{secrets.token_hex(4)}")
+    backup = target.with_name(f".{target.name}.old-{pid}")
+    claimed = {staging, backup}
+    _IN_USE.update(claimed)  # before the folder exists, so another thread's cleanup never sees it unclaimed
+    try:
+        os.mkdir(staging, 0o700)
+        try:
+            yield staging
+            _swap(staging, target, backup)
+        except BaseException:
+            _undo(staging, target, backup)
+            raise
+    finally:
+        _IN_USE.difference_update(claimed)
+
+
+def _swap(staging: Path, target: Path, backup: Path) -> None:
+    # Two renames: a folder cannot replace a non-empty folder in one. Between them the earlier result exists only as
+    # the backup, which _undo (an interrupt) or recover_output_dir (a kill) puts back.
+    if os.path.lexists(target):
+        os.replace(target, backup)
+    os.replace(staging, target)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _undo(staging: Path, target: Path, backup: Path) -> None:
+    swapped = not staging.exists()  # the second rename turned the staging folder into target
+    shutil.rmtree(staging, ignore_errors=True)
+    if not backup.is_dir():
+        return
+    if swapped:
+        shutil.rmtree(backup, ignore_errors=True)
+    elif not os.path.lexists(target):
+        os.replace(backup, target)
+
+
+def recover_output_dir(output_dir: Path | str) -> int:
+    """Clear what killed writes of ``output_dir`` left beside it; return how many folders were removed or restored.
+
+    Only folders named ``.NAME.partial-<pid>-*`` or ``.NAME.old-<pid>`` whose process is gone are touched: staging
+    folders are removed; a backup is renamed back to ``output_dir`` if that is missing (the kill came between the two
+    renames, so the earlier result is restored), otherwise it is removed (the new result was already in place).
+    """
+    output_dir = Path(output_dir).resolve()
+    return _recover(output_dir.parent, output_dir.name)
+
+
+def clean_stale_staging(parent: Path | str) -> int:
+    """:func:`recover_output_dir` for every folder of ``parent`` (one level) with hidden staging or backup names
+    beside it, e.g. the app's session folders; return how many folders were removed or restored."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return 0
+    names = {match["name"] for entry in parent.iterdir() if (match := _ANY_HIDDEN.fullmatch(entry.name))}
+    return sum(_recover(parent, name) for name in sorted(names))
+
+
+def _recover(parent: Path, name: str) -> int:
+    if not name or not parent.is_dir():
+        return 0
+    stagings = _stale(parent, _STAGING_PATTERN.format(name=re.escape(name)))
+    for folder in stagings:
+        shutil.rmtree(folder, ignore_errors=True)
+    backups = sorted(_stale(parent, _BACKUP_PATTERN.format(name=re.escape(name))), key=lambda p: p.stat().st_mtime)
+    restored = 0
+    if backups and not os.path.lexists(parent / name):
+        with contextlib.suppress(FileNotFoundError):  # another process restored it first
+            os.replace(backups.pop(), parent / name)
+            restored = 1
+    for folder in backups:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(stagings) + restored + len(backups)
+
+
+def _stale(parent: Path, pattern: str) -> list[Path]:
+    """Folders of ``parent`` named by ``pattern`` (group 1: the owner's PID) whose owner is gone."""
+    found = []
+    for entry in parent.iterdir():
+        match = re.fullmatch(pattern, entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _owner_alive(entry, int(match[1])):
+            found.append(entry)
+    return found
+
+
+def _owner_alive(folder: Path, pid: int) -> bool:
+    if pid == os.getpid():
+        return folder.resolve() in _IN_USE
+    if os.name == "nt":  # there os.kill ends the process instead of probing it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no PID at all: not ours to judge, leave it
+        return True
+    return True

@@ -6,10 +6,14 @@ Bad input ends with one line on stderr and a non-zero exit code; ``--debug`` sho
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .config import METHODS, MIXED_PRECISIONS, STAGE2_MODES, SUBJECT_TYPES, ConfigError, TrainingConfig
@@ -250,20 +254,42 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a Space stop, ``kill``) raised like Ctrl-C: Python's default SIGTERM exit skips every cleanup."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated`, so staging folders are removed as after Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        # None: the previous handler was not set from Python; the default is the closest to restore.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.debug:
         quiet_libraries()
     try:
-        if args.command == "train":
-            return run_train(args)
-        if args.command == "evaluate":
-            return run_evaluate(args)
-        return run_generate(args)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():
+            if args.command == "train":
+                return run_train(args)
+            if args.command == "evaluate":
+                return run_evaluate(args)
+            return run_generate(args)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as Terminated
+        return _interrupted(interrupt, args.debug)
     except TrainingCancelled as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -273,6 +299,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+def _interrupted(interrupt: KeyboardInterrupt, debug: bool) -> int:
+    """Say in one line that the run stopped as asked; return the shell's code for the signal (128 + its number)."""
+    if not debug:
+        # Code the interrupt cut off halfway (a progress bar stopped inside its constructor) complains from __del__
+        # once the interrupt's frames are freed: a traceback after a deliberate stop. Free them now, unheard.
+        hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+        try:
+            traceback.clear_frames(interrupt.__traceback__)
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+    if isinstance(interrupt, Terminated):
+        print("error: interrupted (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    print("error: interrupted; nothing was written", file=sys.stderr)
+    return 130
 
 
 def _one_line(error: BaseException) -> str:

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -184,6 +183,7 @@ def generate_class_images(
 ) -> list[Image.Image]:
     """Prior-preservation images from the untouched base model, cached on disk so a second run reuses them."""
     folder = class_image_cache_dir(base_model, config.class_prompt or "", config.class_images, resolution, config.seed)
+    artifacts.clean_stale_staging(folder.parent)  # a run killed while writing the cache leaves hidden staging folders
     existing = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if len(existing) >= config.class_images:
         return [Image.open(path).convert("RGB") for path in existing[: config.class_images]]
@@ -201,13 +201,10 @@ def generate_class_images(
         if report:
             report(ProgressEvent("class images", 0, 0, len(images), config.class_images, None,
                                  time.perf_counter() - started, None, "generating prior-preservation images"))
-    staging = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images):
-        image.save(staging / f"{index:04d}.png")
-    if folder.exists():
-        shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    # Staged like an artifact: readers never see a half-written cache, and a kill leaves only names the next run clears.
+    with artifacts.staged_replace(folder) as staging:
+        for index, image in enumerate(images):
+            image.save(staging / f"{index:04d}.png")
     return images
 
 
