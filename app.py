@@ -78,8 +78,10 @@ class _Checked:
     label: str | None
     elem_id: str | None
 
-    def get_block_name(self) -> str:  # the page finds the component's frontend by this name: Gradio's own
+    def get_block_name(self) -> str:  # the page and the API docs know the component by Gradio's own name
         return next(c for c in type(self).__mro__ if c.__module__.startswith("gradio.")).__name__.lower()
+
+    get_block_class = get_block_name
 
     def preprocess(self, payload: Any) -> Any:
         field_name = self.label or self.elem_id or "a field"
@@ -139,11 +141,10 @@ with _no_stub_files():
 
 
     class FormText(_Checked, gr.Textbox):
-        """Text with a length cap (prompts, names, tokens): a megabyte "prompt" is refused, not tokenized."""
+        """Text with a length cap (names, tokens): a megabyte of text is refused, not processed. The cap is a class
+        attribute: Gradio rebuilds a component from its constructor's arguments when a handler updates it."""
 
-        def __init__(self, *args: Any, max_chars: int = 1000, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.max_chars = max_chars
+        max_chars = 500
 
         def refusal(self, payload: Any) -> str | None:
             if payload is None:
@@ -154,6 +155,11 @@ with _no_stub_files():
                 return f"is too long ({len(payload)} characters, at most {self.max_chars})"
             return None
 
+    class WordText(FormText):  # a class noun, a trigger
+        max_chars = 100
+
+    class PromptText(FormText):
+        max_chars = 2000
 
     class FormCheckbox(_Checked, gr.Checkbox):
         def refusal(self, payload: Any) -> str | None:
@@ -355,10 +361,10 @@ def build_upload_tab(services: Services, session: gr.State,
                                  elem_id="prepared-gallery")
     with gr.Row():
         subject_type = FormRadio(list(PRESETS), value="object", label="Subject type (preset)")
-        class_noun = FormText(label="Class noun", max_chars=100, placeholder="dog, backpack, star…",
+        class_noun = WordText(label="Class noun", placeholder="dog, backpack, star…",
                               elem_id="class-noun")
         with gr.Column():
-            trigger = FormText(label="Trigger word", max_chars=100, placeholder="<my-dog> (empty: suggested)",
+            trigger = WordText(label="Trigger word", placeholder="<my-dog> (empty: suggested)",
                                elem_id="trigger")
             trigger_status = gr.Markdown("", elem_id="trigger-status")
             suggest = gr.Button("Suggest a trigger", size="sm")
@@ -521,7 +527,7 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         with session_value.workspace.in_use():
             yield from run_when_gpu_free(job)
         cancel_flag.reset()
-        if job.state != "ended":  # cancelled while waiting: it never started
+        if not job.started:  # cancelled while waiting for the GPU
             yield progress_html(None, "Cancelled before it started; nothing was trained or written."), None, ""
             return
         if job.error is not None:
@@ -646,12 +652,12 @@ def build_generate_tab(services: Services, session: gr.State, base_dropdown: gr.
                              allow_custom_value=True)
         refresh = gr.Button("↻ Refresh", size="sm")
     with gr.Row():
-        repo_id = FormText(label="…or a Hub repo id", max_chars=200, placeholder="user/my-dog", elem_id="hub-repo-id")
-        hub_token = FormText(label="Token (private repos)", max_chars=500, type="password")
+        repo_id = FormText(label="…or a Hub repo id", placeholder="user/my-dog", elem_id="hub-repo-id")
+        hub_token = FormText(label="Token (private repos)", type="password")
         load_repo = gr.Button("Load from the Hub")
     load_status = gr.Markdown(elem_id="load-status")
-    prompt = FormText(label="Prompt", lines=2, max_chars=2000, elem_id="prompt")
-    negative = FormText(label="Negative prompt", max_chars=2000, value="")
+    prompt = PromptText(label="Prompt", lines=2, elem_id="prompt")
+    negative = PromptText(label="Negative prompt", value="")
     with gr.Row():
         seed = FormNumber(0, label="Seed", precision=0, minimum=0)
         steps = FormSlider(1, 100, 25, step=1, label="Steps")
@@ -733,12 +739,12 @@ def build_hub_tab(services: Services, session: gr.State):
     with gr.Row():
         if ON_SPACE:
             gr.LoginButton()
-        token = FormText(label="Hugging Face write token (or sign in / set HF_TOKEN)", max_chars=500,
+        token = FormText(label="Hugging Face write token (or sign in / set HF_TOKEN)",
                          type="password",
                          elem_id="hub-token")
     with gr.Row():
         run = FormDropdown([], label="Run to push", elem_id="push-run", allow_custom_value=True)  # see `source`
-        repo_name = FormText(label="Repo name", max_chars=200, elem_id="repo-name")
+        repo_name = FormText(label="Repo name", elem_id="repo-name")
         private = FormCheckbox(True, label="Private")
     push = gr.Button("Push to the Hub", variant="primary", elem_id="push")
     status = gr.Markdown(elem_id="push-status")

@@ -138,6 +138,12 @@ class TrainingJob:
 
     def cancel(self) -> None:
         self.cancel_flag.cancel()
+        if self._thread is None and self.error is None:  # never started: it ends here
+            self.error = TrainingCancelled("training was cancelled before it started; nothing was trained")
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
 
     @property
     def state(self) -> str:

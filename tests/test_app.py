@@ -220,6 +220,34 @@ def test_generate_push_load_and_generate_the_same_images(
     assert_no_token_in_files(served)
 
 
+def test_a_private_repo_one_session_loaded_is_not_served_to_another(
+    trained: Trained, served: Served, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Alice's session loads her private repo with her token; other sessions naming it (no token, a token the Hub
+    refuses, Bob's valid token) get an error, never the copy the server already holds, and cannot generate with it."""
+    from gradio_client.exceptions import AppError
+
+    pushed = trained.client.predict(trained.run, "private-widget", TOKEN, True, api_name="/push")
+    assert pushed.startswith("✅ Pushed to"), pushed
+    message, _ = trained.client.predict("alice/private-widget", TOKEN, api_name="/load_from_hub")
+    assert message == "Loaded `alice/private-widget`."
+
+    for token, says in (("", "no token was given"), (make_token("mallory"), "token was refused"),
+                        (BOB_TOKEN, "this token cannot read it")):
+        stranger = served.client()
+        message, dropdown = stranger.predict("alice/private-widget", token, api_name="/load_from_hub")
+        assert message.startswith("⚠️") and says in message, message
+        assert "hub:alice/private-widget" not in str(dropdown)
+        with pytest.raises(AppError, match="alice/private-widget was not loaded in this session"):
+            stranger.predict("hub:alice/private-widget", **{**GENERATE, "prompt_text": "a photo"},
+                             base_model=str(served.base), api_name="/generate")
+    # What was fetched with a token sits in that session's own folder, not in the server's shared cache.
+    shared = served.work_root.parent / "hub-cache"
+    assert not any("private-widget" in str(path) for path in shared.rglob("*")) if shared.exists() else True
+    assert any("private-widget" in str(path) for path in served.work_root.rglob(".hub-cache/*"))
+    assert_no_token(capfd.readouterr())
+
+
 def test_generate_refuses_a_local_base_it_cannot_find(trained: Trained) -> None:
     from gradio_client.exceptions import AppError
 
@@ -300,6 +328,39 @@ def test_cancel_during_training_writes_nothing(served: Served, tmp_path: Path) -
     again = client.submit(class_noun="widget", trigger="", **TINY_STEPS, api_name="/train")
     again.result(timeout=120)
     assert "Done." in again.outputs()[-1][0]
+
+
+def test_cancel_stops_a_training_waiting_for_the_gpu_before_it_starts(served: Served, tmp_path: Path) -> None:
+    photos = sorted(make_subject_images(tmp_path / "subject", count=2).glob("*.png"))
+    first, second = served.client(), served.client()
+    upload(first, photos)
+    upload(second, photos)
+    folders_before = served.run_folders()
+    running = first.submit(class_noun="widget", trigger="", stage1_steps=2000, stage2_steps=2000, preview_interval=0,
+                           api_name="/train")
+    wait_for(running, "step")
+    waiting = second.submit(class_noun="widget", trigger="", **TINY_STEPS, api_name="/train")
+    wait_for(waiting, "Waiting for the GPU")
+
+    assert "Cancelled before it started" in second.predict(api_name="/cancel")
+    waiting.result(timeout=60)
+    assert "Cancelled before it started; nothing was trained or written." in waiting.outputs()[-1][0]
+    assert "Nothing is running or waiting" in second.predict(api_name="/cancel")
+    assert "Cancelling" in first.predict(api_name="/cancel")
+    running.result(timeout=60)
+    assert served.run_folders() == folders_before
+
+
+def test_cancel_after_a_finished_run_says_nothing_runs(trained: Trained) -> None:
+    assert "Nothing is running or waiting in this session." in trained.client.predict(api_name="/cancel")
+
+
+def wait_for(job: object, text: str, timeout: float = 60) -> None:
+    """Until a streamed status holds `text` (event-driven: the stream, not a sleep, says when)."""
+    deadline = time.monotonic() + timeout
+    while not any(text in str(output[0]) for output in job.outputs()):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline and not job.done(), job.outputs()  # type: ignore[attr-defined]
+        time.sleep(0.05)
 
 
 def test_a_base_model_the_server_does_not_offer_is_refused(served: Served, tmp_path: Path) -> None:

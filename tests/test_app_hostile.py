@@ -228,7 +228,7 @@ def test_load_from_hub_bad_ids_answer_in_the_status(client: Client, quiet_server
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    ((LONG, ""), "…or a Hub repo id: is too long (20000 characters, at most 200)."),
+    ((LONG, ""), "…or a Hub repo id: is too long (20000 characters, at most 500)."),
     (("a/b", 5), "Token (private repos): must be text, got int."),
 ])
 def test_load_from_hub_values(client: Client, quiet_server: None, args: tuple, says: str) -> None:
@@ -237,7 +237,7 @@ def test_load_from_hub_values(client: Client, quiet_server: None, args: tuple, s
 
 @pytest.mark.parametrize(("args", "says"), [
     (("run", "name", TOKEN, "yes"), "Private: must be true or false, got 'yes'."),
-    (("run", LONG, TOKEN, True), "Repo name: is too long (20000 characters, at most 200)."),
+    (("run", LONG, TOKEN, True), "Repo name: is too long (20000 characters, at most 500)."),
     (("run", "name", ["t"], True), "Hugging Face write token (or sign in / set HF_TOKEN): must be text, got list."),
 ])
 def test_push_values(client: Client, quiet_server: None, args: tuple, says: str) -> None:

@@ -131,12 +131,20 @@ def test_click_through_upload_train_generate_and_push(
             expect(page.locator("#push-status")).to_contain_text("Pushed to")
             page.screenshot(path=shots / "hub.png", full_page=True)
             page_html = page.content()
+            # Nothing the browser keeps holds the token: Gradio's run history (localStorage, /gradio_api/runs) is off.
+            stored = page.evaluate("""async () => JSON.stringify({
+                local: Object.entries(localStorage), session: Object.entries(sessionStorage),
+                databases: indexedDB.databases ? await indexedDB.databases() : []})""")
+            cookies = str(context.cookies())
+            runs_page = page.goto(f"{browser_app.url}gradio_api/runs")
+            runs_text = f"{runs_page.status if runs_page else ''} {page.content()}"
         finally:
             context.close()
 
     assert errors == []
     out, err = capfd.readouterr()
-    assert_no_token(page_html, out, err, "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records))
+    assert_no_token(page_html, stored, cookies, runs_text, out, err,
+                    "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records))
     assert_no_token_in_files(browser_app)
     assert len(browser_app.hub.repos) == 1
     (repo_id, repo), = browser_app.hub.repos.items()

@@ -103,3 +103,32 @@ def test_train_skips_system_files_and_says_so_once(tiny_base, tmp_path, capsys):
                  "skipped Thumbs.db (a Windows system file, not a photo)",
                  "skipped rejects/ (a sub-folder; only the files directly in the images folder are used)"):
         assert out.count(note) == 1, out
+
+
+def test_generate_from_a_private_repo_needs_a_token_the_hub_accepts(tmp_path):
+    """The CLI's machine cache holds the private repo after a download with the owner's token; a refused token, or
+    none, is an error naming the reason, never a silent success from that cache."""
+    import os
+
+    from personalization.hub import download_repo, push_folder
+    from tests.fake_hub import FakeHub, make_token
+
+    owner = make_token("alice")
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "README.md").write_text("# private\n")
+    (folder / "training_config.json").write_text("{}\n")
+    cache = tmp_path / "hf-cache"
+    with FakeHub({owner: "alice"}) as hub:
+        push_folder(folder, "secret", owner, endpoint=hub.endpoint)
+        download_repo("alice/secret", owner, endpoint=hub.endpoint, cache_dir=cache)
+        env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+        env |= {"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        common = [sys.executable, "-m", "personalization", "generate", "--artifact", "alice/secret", "--prompt", "a",
+                  "--out", str(tmp_path / "out.png")]
+        for extra, says in (([], "(or it is private and no token was given)"),
+                            (["--token", make_token("mallory")], "The Hugging Face token was refused")):
+            result = subprocess.run(common + extra, capture_output=True, text=True, env=env, timeout=300)
+            assert result.returncode == 1 and says in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.png").exists()

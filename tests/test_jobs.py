@@ -10,6 +10,7 @@ from personalization.device import BUNDLED_MINI_MODEL, SD15_HUB_ID
 from personalization.images import load_subject_images
 from personalization.jobs import (
     DEFAULT_LOAD_SECONDS,
+    SessionCleaner,
     TrainingJob,
     Workspace,
     describe_failure,
@@ -109,3 +110,52 @@ def test_workspace_lists_finished_runs_only_and_old_sessions_are_removed(tmp_pat
     os.utime(old.folder, (stale, stale))
     assert Workspace.clean_old(tmp_path / "sessions") == 1
     assert not old.folder.exists() and workspace.folder.exists()
+
+
+def make_idle(folder, hours=48.0):
+    stale = time.time() - hours * 3600
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (stale, stale), follow_symlinks=False)
+
+
+def test_a_session_folder_with_a_run_in_progress_is_never_removed(tmp_path):
+    root = tmp_path / "sessions"
+    busy, idle = Workspace(root, "busy"), Workspace(root, "idle")
+    with busy.in_use():
+        make_idle(busy.folder)  # a long run writes nothing for a while: age alone must not decide
+        make_idle(idle.folder)
+        assert Workspace.clean_old(root) == 1
+        assert busy.folder.is_dir() and not idle.folder.exists()
+    assert not list(busy.folder.glob(".in-use-*"))
+    make_idle(busy.folder)
+    assert Workspace.clean_old(root) == 1 and not busy.folder.exists()
+
+
+def test_a_marker_left_by_a_dead_process_does_not_keep_a_folder(tmp_path):
+    root = tmp_path / "sessions"
+    crashed = Workspace(root, "crashed")
+    (crashed.folder / ".in-use-999999999-deadbeef").touch()  # no such process
+    make_idle(crashed.folder)
+    assert Workspace.clean_old(root) == 1
+
+
+def test_the_cleaner_runs_as_sessions_arrive_at_most_every_interval(tmp_path):
+    root = tmp_path / "sessions"
+    cleaner = SessionCleaner(max_age_hours=24, interval_s=3600)
+    first = Workspace(root, "first")
+    make_idle(first.folder)
+    assert cleaner.maybe_clean(root) == 1  # the first new session of a long-running server cleans
+    second = Workspace(root, "second")
+    make_idle(second.folder)
+    assert cleaner.maybe_clean(root) == 0 and second.folder.is_dir()  # too soon: cheap
+    assert cleaner.maybe_clean(root, now=True) == 1
+
+
+def test_a_job_cancelled_before_it_starts_ends_at_once(tiny_base, subject_dir, tmp_path):
+    config = TrainingConfig(class_noun="widget", base_model=str(tiny_base), resolution=TINY_RESOLUTION,
+                            stage1_steps=1, stage2_steps=1)
+    job = TrainingJob(config, load_subject_images(subject_dir, TINY_RESOLUTION), tmp_path / "run")
+    assert job.state == "waiting" and not job.started
+    job.cancel()
+    assert job.state == "ended" and not job.started
+    assert job.failure_message == "Training was cancelled; nothing was written."
