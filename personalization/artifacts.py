@@ -199,9 +199,8 @@ def staged_replace(target: Path | str) -> Iterator[Path]:
     target = Path(target).resolve()
     recover_output_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()
-    staging = target.with_name(f".{target.name}.partial-{pid}-{secrets.token_hex(4)}")
-    backup = target.with_name(f".{target.name}.old-{pid}")
+    staging = _staging_name(target)
+    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
     claimed = {staging, backup}
     _IN_USE.update(claimed)  # before the folder exists, so another thread's cleanup never sees it unclaimed
     try:
@@ -214,6 +213,27 @@ def staged_replace(target: Path | str) -> Iterator[Path]:
             raise
     finally:
         _IN_USE.difference_update(claimed)
+
+
+@contextlib.contextmanager
+def scratch_beside(target: Path | str) -> Iterator[Path]:
+    """Yield a new hidden scratch folder beside ``target`` (same file system, so hard links work), removed when the
+    block ends; named like a staging folder, so what a kill leaves is cleared by :func:`recover_output_dir`."""
+    target = Path(target).resolve()
+    scratch = _staging_name(target)
+    _IN_USE.add(scratch)
+    try:
+        os.mkdir(scratch, 0o700)
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        _IN_USE.discard(scratch)
+
+
+def _staging_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _swap(staging: Path, target: Path, backup: Path) -> None:
@@ -287,6 +307,11 @@ def _stale(parent: Path, pattern: str) -> list[Path]:
 def _owner_alive(folder: Path, pid: int) -> bool:
     if pid == os.getpid():
         return folder.resolve() in _IN_USE
+    return process_alive(pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` may still be running: only a definite "no such process" says it is gone."""
     if os.name == "nt":  # there os.kill ends the process instead of probing it
         return True
     try:
@@ -295,4 +320,5 @@ def _owner_alive(folder: Path, pid: int) -> bool:
         return False
     except (OSError, OverflowError):  # another user's process, or no PID at all: not ours to judge, leave it
         return True
+    return True
     return True

@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import shutil
-import tempfile
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
-from .artifacts import CARD_FILE
+from .artifacts import CARD_FILE, scratch_beside
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 FALLBACK_REPO_NAME = "personalized-model"
@@ -174,14 +173,13 @@ def _check_pushable(folder: Path, token: str | None) -> None:
 
 @contextlib.contextmanager
 def _upload_view(folder: Path, replaced_files: dict[str, bytes]) -> Iterator[Path]:
-    """`folder` as it is to be uploaded: itself, or a temporary copy (hard links where the file system allows) with
-    `replaced_files` written in. upload_folder (resumable, retried) only takes a folder, and the local one must not
-    be rewritten."""
+    """`folder` as it is to be uploaded: itself, or a hidden scratch copy beside it (hard links) with `replaced_files`
+    written in. upload_folder (resumable, retried) only takes a folder, and the local one must not be rewritten; a
+    kill mid-push leaves only a scratch folder that the next write or session cleaning removes."""
     if not replaced_files:
         yield folder
         return
-    with tempfile.TemporaryDirectory(prefix="push-") as temporary:
-        view = Path(temporary) / folder.name
+    with scratch_beside(folder) as view:
         for source in sorted(folder.rglob("*")):
             relative = source.relative_to(folder).as_posix()
             if relative in replaced_files or source.is_symlink() or not source.is_file():
@@ -190,7 +188,7 @@ def _upload_view(folder: Path, replaced_files: dict[str, bytes]) -> Iterator[Pat
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(source, target)
-            except OSError:  # another file system, or links not allowed
+            except OSError:  # a file system without hard links
                 shutil.copyfile(source, target)
         for relative, content in replaced_files.items():
             (view / relative).parent.mkdir(parents=True, exist_ok=True)

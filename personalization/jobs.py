@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import ArtifactError, ArtifactInfo, read_artifact
+from .artifacts import ArtifactError, ArtifactInfo, clean_stale_staging, process_alive, read_artifact
 from .config import ConfigError, TrainingConfig, is_mini_world_model
 from .device import SD15_UNET_PARAMETERS, plan_memory
 from .images import ImageError, SubjectImages
@@ -238,9 +238,13 @@ class Workspace:
         cutoff = time.time() - max_age_hours * 3600
         removed = 0
         for path in root.iterdir():
-            if path.is_dir() and not _in_use(path) and _newest_mtime(path) < cutoff:
+            if not path.is_dir() or _in_use(path):
+                continue
+            if _newest_mtime(path) < cutoff:
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
+            else:  # a server killed mid-write leaves half-written runs beside the finished ones
+                clean_stale_staging(path)
         return removed
 
 
@@ -265,19 +269,9 @@ class SessionCleaner:
 def _in_use(folder: Path) -> bool:
     for marker in folder.glob(f"{IN_USE_PREFIX}*"):
         pid = marker.name.removeprefix(IN_USE_PREFIX).split("-")[0]
-        if pid.isdigit() and _process_alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             return True
     return False
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def _newest_mtime(folder: Path) -> float:

@@ -103,6 +103,11 @@ class FakeHub:
         with self._lock:
             self._failures.extend([(status, message)] * times)
 
+    def clear_failures(self) -> None:
+        """Forget the commit failures still queued."""
+        with self._lock:
+            self._failures.clear()
+
     # --- request handling (called from server threads) ---
 
     def _commit(self, repo: FakeRepo, files: dict[str, bytes]) -> str:

@@ -214,3 +214,61 @@ def _read_or_eof(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:  # Linux reports the closed terminal's end as EIO
         return b""
+
+
+# ---- the Hub: a server killed mid-push -------------------------------------------------------------------------------
+PUSH_CHILD = """
+import sys
+from pathlib import Path
+from personalization import hub
+hub.push_artifact(Path(sys.argv[1]), "killed", sys.argv[2], endpoint=sys.argv[3])
+"""
+
+
+def test_a_server_killed_mid_push_leaves_the_local_run_as_it_was(tmp_path):
+    """The push process is killed while the Hub holds its commit (the client is retrying a dropped connection): the
+    local run is byte for byte what it was (its card still has the placeholder, not the repo that was never pushed),
+    nothing else is left beside it once cleaned, and pushing again works."""
+    import time
+
+    from personalization.hub import push_artifact
+    from tests.fake_hub import FakeHub, make_token
+
+    token = make_token("alice")
+    run = tmp_path / "session" / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "README.md").write_text('pipe.load_lora_weights("YOUR_NAME/THIS_REPO")\n')
+    (run / "pytorch_lora_weights.safetensors").write_bytes(bytes(range(256)) * 16)
+    (run / "samples" / "0.png").write_bytes(b"png")
+    before = snapshot(run)
+    with FakeHub({token: "alice"}) as hub:
+        hub.fail_next_commits(times=20, status=None)  # every commit dropped: the client keeps retrying
+        child = subprocess.Popen([sys.executable, "-c", PUSH_CHILD, str(run), token, hub.endpoint], cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not any(path.endswith("/commit/main") for _, path in list(hub.requests)):
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        child.kill()
+        child.wait()
+        assert snapshot(run) == before
+        assert "alice/killed" not in hub.repos or hub.repos["alice/killed"].files == {}
+        assert artifacts.clean_stale_staging(run.parent) == 1 and sorted(os.listdir(run.parent)) == ["run"]
+
+        hub.clear_failures()
+        push_artifact(run, "killed", token, endpoint=hub.endpoint)
+        card = hub.repos["alice/killed"].files["README.md"]
+    assert card == before["README.md"].replace(b"YOUR_NAME/THIS_REPO", b"alice/killed")
+    assert snapshot(run) == before and sorted(os.listdir(run.parent)) == ["run"]
+
+
+def test_session_cleaning_clears_half_written_runs_of_a_killed_server(tmp_path):
+    from personalization.jobs import Workspace
+
+    session = Workspace(tmp_path / "sessions", "live")
+    (session.folder / "run-1").mkdir()
+    (session.folder / "run-1" / "training_config.json").write_text("{}")
+    debris = session.folder / f".run-2.partial-{dead_pid()}-0badf00d"
+    debris.mkdir()
+    assert Workspace.clean_old(tmp_path / "sessions") == 0
+    assert not debris.exists() and (session.folder / "run-1").is_dir()
