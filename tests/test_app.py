@@ -276,7 +276,10 @@ def test_push_errors_are_explained_and_keep_the_local_run(
     # The server fails the commit (a status the client does not retry) and echoes the credentials in its error.
     served.hub.fail_next_commits(status=422, message=f"storage is full (Authorization: Bearer {TOKEN})")
     commits = served.hub.commit_count
-    answers.append(client.predict(trained.run, "half-way", TOKEN, True, api_name="/push"))
+    pushing = client.submit(trained.run, "half-way", TOKEN, True, api_name="/push")
+    pushing.result(timeout=120)
+    assert pushing.outputs()[0].startswith("⏳ Pushing `half-way` to the Hub…")  # said before the first attempt
+    answers.append(pushing.outputs()[-1])
     assert answers[-1].startswith("⚠️ push failed: storage is full"), answers[-1]
     assert answers[-1].count("the local result is kept") == 1 and "local run is kept" not in answers[-1]
     assert served.hub.commit_count == commits and served.hub.repos["alice/half-way"].files == {}
