@@ -571,6 +571,10 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
 
     def cancel_training(session_value: Session | None) -> str:
         job = session_value.job if session_value is not None else None
+        if (job is None or job.state == "ended") and session_value is not None and session_value.workspace.busy:
+            # The run lives in another process (ZeroGPU's worker), which watches the session's cancel file.
+            CancelFlag(session_value.workspace.cancel_file).cancel()
+            return progress_html(None, "Cancelling… (stops at the next step; nothing will be written)")
         if job is None or job.state == "ended":
             return progress_html(None, "Nothing is running or waiting in this session.")
         waiting = job.state == "waiting"

@@ -27,7 +27,7 @@ from .progress import CancelFlag, ProgressEvent, TrainingCancelled
 from .tokens import TriggerError
 
 # Measured or estimated seconds per step for SD-1.5 at 512 px and for the mini model on CPU.
-# GPU rows: H200 figures measured in ../shared/brief/physics.md (bs4 cached); other GPUs scaled by their bf16/fp16
+# GPU rows: H200 figures measured at bs4 cached (docs/measurements.md#h200-step-costs); other GPUs scaled by their bf16/fp16
 # throughput relative to the H200 (A100 ~0.4x, A10G ~0.16x, T4 ~0.08x, L4 ~0.15x). Replace with benchmark numbers.
 STEP_SECONDS = {
     # hardware: (embedding step, U-Net full step, U-Net LoRA step, sample image)
@@ -39,11 +39,12 @@ STEP_SECONDS = {
     "t4": (1.50, 1.40, 2.10, 13.0),
     # Measured on a 2-core CPU (2 threads, speed.py --model mini): two-stage full 400 + 300 steps 59 s, LoRA 43 s.
     "cpu-mini": (0.06, 0.10, 0.08, 0.3),
-    # SD-1.5 on a CPU (offline.md: one full 512 px step ~45 s): possible, never sensible.
+    # SD-1.5 on a CPU (one full 512 px step ~45 s, docs/measurements.md#sd-15-on-a-cpu): possible, never sensible.
     "cpu": (40.0, 45.0, 45.0, 60.0),
 }
 # Gradient checkpointing recomputes the forward pass in the backward one: measured 2.2x per full-U-Net step on an
-# H200 (launch-bound at batch 1, physics.md); on compute-bound cards the extra forward is about a third of a step.
+# H200 (launch-bound at batch 1, docs/measurements.md#gradient-checkpointing); on compute-bound cards the extra
+# forward is about a third of a step.
 CHECKPOINTING_SLOWDOWN = {"h200": 2.2, "h100": 2.2}
 DEFAULT_CHECKPOINTING_SLOWDOWN = 1.35
 # Memory of each card as torch reports it, so the estimate can apply the trainer's own memory plan
@@ -206,6 +207,11 @@ class Workspace:
             yield
         finally:
             marker.unlink(missing_ok=True)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a run of this session is in progress in any live process (see :meth:`in_use`)."""
+        return _in_use(self.folder)
 
     @property
     def cancel_file(self) -> Path:

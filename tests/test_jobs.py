@@ -159,3 +159,21 @@ def test_a_job_cancelled_before_it_starts_ends_at_once(tiny_base, subject_dir, t
     job.cancel()
     assert job.state == "ended" and not job.started
     assert job.failure_message == "Training was cancelled; nothing was written."
+
+
+def test_busy_is_seen_from_another_process(tmp_path):
+    """ZeroGPU runs the training in a forked worker: the server process must still see that the session is busy."""
+    import subprocess
+    import sys
+
+    workspace = Workspace(tmp_path / "sessions", "s")
+    assert not workspace.busy
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from personalization.jobs import Workspace\n"
+        f"w = Workspace(Path({str(tmp_path / 'sessions')!r}), 's')\n"
+        "with w.in_use():\n    print('in', flush=True); sys.stdin.readline()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "in"
+    assert workspace.busy
+    child.communicate("done\n", timeout=60)
+    assert not workspace.busy
