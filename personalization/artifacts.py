@@ -1,4 +1,5 @@
-"""The artifact folder: exactly what is pushed to the Hub, loadable with plain diffusers (see hub-format.md).
+"""The artifact folder: exactly what is pushed to the Hub, loadable with plain diffusers (the file table in
+README.md#loading-a-pushed-model-with-plain-diffusers).
 
 This module owns the file names and the atomic write of the folder, and clears what a killed write left behind.
 """

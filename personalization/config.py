@@ -25,7 +25,8 @@ MIXED_PRECISIONS: tuple[str, ...] = ("auto", "no", "fp16", "bf16")
 
 MAX_SUBJECT_IMAGES = 50
 
-# Starting points from common practice (see ../shared/brief/method.md); the benchmarks decide the final ones.
+# Starting points from common practice (docs/measurements.md#starting-hyperparameters); the benchmarks decide the final
+# ones.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "two_stage": {"stage1_steps": 400, "stage1_learning_rate": 5e-3, "stage2_steps": 300, "stage2_learning_rate": None},
     "textual_inversion": {"stage1_steps": 3000, "stage1_learning_rate": 5e-4, "stage2_steps": 0,

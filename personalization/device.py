@@ -54,6 +54,8 @@ RENAMED_MODELS = {"runwayml/stable-diffusion-v1-5": SD15_HUB_ID}
 
 def resolve_base_model_path(base_model: str) -> str:
     """A path or Hub id ``from_pretrained`` accepts; the bundled model's symbolic name maps to its folder."""
+    if not base_model.strip():
+        raise ValueError("no base model given: name a Hub id or a diffusers folder")
     if base_model.startswith("local:"):
         raise FileNotFoundError(
             f"this was trained on a local base model ({base_model.removeprefix('local:')}); "
@@ -64,6 +66,8 @@ def resolve_base_model_path(base_model: str) -> str:
         if not (MINI_MODEL_DIR / "model_index.json").is_file():
             raise FileNotFoundError(f"the bundled mini model is missing from {MINI_MODEL_DIR}")
         return str(MINI_MODEL_DIR)
+    if base_model.startswith("~"):  # from_pretrained does not expand it (no Hub id starts with "~")
+        return str(Path(base_model).expanduser())
     return base_model
 
 
@@ -82,6 +86,10 @@ def portable_base_model(base_model: str) -> str:
     The bundled model given by path is recorded by its bundled name: that loads on any machine with the engine,
     where ``local:mini_model`` would make every user pass the folder again.
     """
+    if not base_model:
+        return base_model  # no model named: recording the current folder's name would invent one
+    if base_model.startswith("local:"):  # already portable; a full path after the prefix is cut to its name
+        return f"local:{Path(base_model.removeprefix('local:')).name}"
     if is_bundled_mini_model(base_model):
         return BUNDLED_MINI_MODEL
     if base_model in RENAMED_MODELS:
@@ -92,7 +100,8 @@ def portable_base_model(base_model: str) -> str:
     return base_model
 
 
-# Peak training memory of SD-1.5 (U-Net 859.5 M parameters) at 512 px, measured on an H200 (brief, physics.md):
+# Peak training memory of SD-1.5 (U-Net 859.5 M parameters) at 512 px, measured on an H200
+# (docs/measurements.md#peak-training-memory):
 # full U-Net with AdamW 17.0 GiB with or without gradient checkpointing, U-Net LoRA 6.8 GiB at batch 1, 10.0 at
 # batch 4 (an upper bound: that run stacked two adapters). Other bases are scaled by their U-Net's parameter count.
 # Not yet checked on a T4 or an 8 GB card.

@@ -27,8 +27,9 @@ from .progress import CancelFlag, ProgressEvent, TrainingCancelled
 from .tokens import TriggerError
 
 # Measured or estimated seconds per step for SD-1.5 at 512 px and for the mini model on CPU.
-# GPU rows: H200 figures measured at bs4 cached (docs/measurements.md#h200-step-costs); other GPUs scaled by their bf16/fp16
-# throughput relative to the H200 (A100 ~0.4x, A10G ~0.16x, T4 ~0.08x, L4 ~0.15x). Replace with benchmark numbers.
+# GPU rows: H200 figures measured at bs4 cached (docs/measurements.md#h200-step-costs); other GPUs scaled by their
+# bf16/fp16 throughput relative to the H200 (A100 ~0.4x, A10G ~0.16x, T4 ~0.08x, L4 ~0.15x). Replace with benchmark
+# numbers.
 STEP_SECONDS = {
     # hardware: (embedding step, U-Net full step, U-Net LoRA step, sample image)
     "h200": (0.121, 0.098, 0.170, 1.06),

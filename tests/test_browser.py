@@ -17,13 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from scripts.chromium import CHROMIUM, CHROMIUM_ARGS, VIEWPORT
 from tests.test_app import TOKEN, Served, assert_no_token, assert_no_token_in_files, running_app
 
-CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1280, "height": 900}
 TIMEOUT_MS = 60_000
 
 

@@ -8,9 +8,11 @@ from personalization.config import TrainingConfig
 from personalization.device import (
     BUNDLED_MINI_MODEL,
     MINI_MODEL_DIR,
+    SD15_HUB_ID,
     SD15_UNET_PARAMETERS,
     plan_memory,
     portable_base_model,
+    resolve_base_model_path,
 )
 from personalization.jobs import hardware_key
 
@@ -100,3 +102,99 @@ def test_other_folders_and_hub_ids_are_not_the_mini_model(tiny_base):
         assert not on_mini_world(base)
         assert hardware_key("CPU (2 threads, fp32)", base) == "cpu"
     assert portable_base_model(str(tiny_base)) == f"local:{tiny_base.name}"
+
+
+# ---- base model names from hostile or unusual input -------------------------------------------------------------
+# resolve_base_model_path turns a name into what from_pretrained loads; it is not a gatekeeper (the CLI takes any
+# folder; the app refuses paths before they get here, see app.Services.checked_base). portable_base_model is what a
+# run records: Hub ids as they are, local folders by their name only, never a path.
+
+
+@pytest.fixture
+def hostile_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory two levels down in tmp_path, and a home directory beside it."""
+    cwd = tmp_path / "work" / "here"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return cwd
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/abs/path", "my models/sd 1.5",
+                                  "stable-diffusion-v1-5/stable-diffusion-v1-5"])
+def test_resolve_passes_paths_and_hub_ids_through_unchanged(name, hostile_cwd):
+    assert resolve_base_model_path(name) == name
+
+
+def test_resolve_expands_a_home_folder_which_from_pretrained_would_take_for_a_hub_id(hostile_cwd, tmp_path):
+    assert resolve_base_model_path("~/x") == str(tmp_path / "home" / "x")
+
+
+def test_resolve_maps_the_renamed_hub_id_and_the_bundled_name():
+    assert resolve_base_model_path("runwayml/stable-diffusion-v1-5") == SD15_HUB_ID
+    assert resolve_base_model_path(BUNDLED_MINI_MODEL) == str(MINI_MODEL_DIR)
+
+
+def test_resolve_keeps_a_symlinked_folder_as_given(hostile_cwd, tmp_path):
+    (tmp_path / "real_folder").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real_folder", target_is_directory=True)
+    assert resolve_base_model_path(str(tmp_path / "link")) == str(tmp_path / "link")
+
+
+def test_resolve_refuses_a_recorded_local_name_and_says_what_to_give():
+    with pytest.raises(FileNotFoundError, match=r"local base model \(foo\)") as refused:
+        resolve_base_model_path("local:foo")
+    assert "--base-model FOLDER" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_resolve_refuses_an_empty_name_in_words(name):
+    with pytest.raises(ValueError, match="no base model given"):
+        resolve_base_model_path(name)
+
+
+@pytest.mark.parametrize(("name", "recorded"), [
+    ("../../etc", "local:etc"),
+    ("~/x", "local:x"),
+    ("/abs/path", "local:path"),
+    ("./", "local:here"),
+    ("local:foo", "local:foo"),
+    ("local:/home/alice/models/sd", "local:sd"),  # never a path, even when one comes in after the prefix
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", SD15_HUB_ID),
+    ("runwayml/stable-diffusion-v1-5", SD15_HUB_ID),
+    (BUNDLED_MINI_MODEL, BUNDLED_MINI_MODEL),
+    ("", ""),  # no model named: not the name of the current folder
+])
+def test_portable_names_hold_no_path(name, recorded, hostile_cwd, tmp_path):
+    portable = portable_base_model(name)
+    assert portable == recorded
+    assert str(tmp_path) not in portable
+    if portable != SD15_HUB_ID:
+        assert "/" not in portable
+
+
+@pytest.mark.parametrize("form", ["relative", "absolute"])
+def test_a_folder_with_spaces_is_recorded_by_its_name(form, hostile_cwd):
+    folder = hostile_cwd / "my models" / "sd 1.5"
+    folder.mkdir(parents=True)
+    given = "my models/sd 1.5" if form == "relative" else str(folder)
+    assert portable_base_model(given) == "local:sd 1.5"
+
+
+def test_a_hub_id_shaped_folder_in_the_working_directory_is_local(hostile_cwd):
+    (hostile_cwd / "someone" / "model").mkdir(parents=True)  # from_pretrained would load this folder, not the Hub
+    assert portable_base_model("someone/model") == "local:model"
+
+
+def test_a_symlinked_folder_is_recorded_by_the_folder_it_points_at(hostile_cwd, tmp_path):
+    # The same folder by any path records the same name, so an artifact trained through the link is recognized
+    # when the real folder is chosen as its base (and the other way round).
+    real = tmp_path / "sd15-finetune"
+    real.mkdir()
+    (hostile_cwd / "link").symlink_to(real, target_is_directory=True)
+    assert portable_base_model("link") == portable_base_model(str(real)) == "local:sd15-finetune"
+
+
+def test_a_recorded_local_name_resolves_to_the_refusal_naming_it(hostile_cwd):
+    with pytest.raises(FileNotFoundError, match=r"\(etc\)"):
+        resolve_base_model_path(portable_base_model("../../etc"))
