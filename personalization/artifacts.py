@@ -1,7 +1,9 @@
 """The artifact folder: exactly what is pushed to the Hub, loadable with plain diffusers (the file table in
 README.md#loading-a-pushed-model-with-plain-diffusers).
 
-This module owns the file names and the atomic write of the folder, and clears what a killed write left behind.
+This module owns the file names, every writer and the one reader of the folder (:func:`read_artifact`), and the
+atomic write of the folder; it clears what a killed write left behind. The trainer hands it tensors and models, the
+model card module hands it the card's text: no other module spells a file name of the folder.
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .config import instance_phrase
+
+if TYPE_CHECKING:  # the models and images only pass through; importing diffusers here would slow every reader
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -30,6 +38,10 @@ CONFIG_FILE = "training_config.json"
 SUMMARY_FILE = "training_summary.json"
 SAMPLES_DIR = "samples"
 CARD_FILE = "README.md"
+SAMPLE_NAME = "sample_{index}.png"
+# Web-UI copies are named from the trigger (see webui_name): <name>_emb.safetensors, <name>_lora_kohya.safetensors.
+WEBUI_EMBEDDING_SUFFIX = "_emb.safetensors"
+WEBUI_LORA_SUFFIX = "_lora_kohya.safetensors"
 
 # Hidden names beside a folder NAME during its write; both carry the writer's process id, so a later run can tell a
 # killed write's debris from a write in progress: .NAME.partial-<pid>-<random> (staging), .NAME.old-<pid> (the earlier
@@ -68,19 +80,103 @@ class ArtifactInfo:
         return sorted(folder.glob("*.png")) if folder.is_dir() else []
 
 
+# ---- writers: what a training run puts in the folder -----------------------------------------------------------------
 def save_embedding(folder: Path, trigger_token: str, vector: torch.Tensor) -> Path:
     """Write ``learned_embeds.safetensors`` with one key, the trigger, so ``load_textual_inversion(dir)`` needs no
     ``token=`` argument. The vector is stored as float32 [num_vectors, hidden]."""
-    tensor = vector.detach().to("cpu", torch.float32).reshape(-1, vector.shape[-1]).contiguous()
     path = folder / EMBEDDINGS_FILE
-    save_file({trigger_token: tensor}, str(path))
+    save_file({trigger_token: _embedding_tensor(vector)}, str(path))
     return path
 
 
+def _embedding_tensor(vector: torch.Tensor) -> torch.Tensor:
+    # float32 whatever the training precision: both loaders cast to the text encoder's dtype themselves.
+    return vector.detach().to("cpu", torch.float32).reshape(-1, vector.shape[-1]).contiguous()
+
+
+def save_lora(folder: Path, unet_lora_layers: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` with diffusers' own writer, so the keys (``unet.`` prefix) and the
+    adapter metadata (rank, alpha, target modules) are what ``load_lora_weights(dir)`` expects."""
+    from diffusers import StableDiffusionPipeline
+
+    # weight_name spelled out: diffusers' default happens to be the same name today, the Hub repos depend on it.
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_lora_layers, weight_name=LORA_FILE,
+                                              unet_lora_adapter_metadata=adapter_metadata)
+    return folder / LORA_FILE
+
+
+def save_unet(folder: Path, unet: UNet2DConditionModel) -> Path:
+    """Write ``unet/`` in float16 (``UNet2DConditionModel.from_pretrained(repo, subfolder="unet")``).
+
+    The model is converted in place, not copied: a copy would double the memory of a full U-Net at the end of a run.
+    """
+    unet.to(torch.float16).save_pretrained(folder / UNET_DIR)
+    return folder / UNET_DIR
+
+
+def save_text_encoder(folder: Path, text_encoder: CLIPTextModel) -> Path:
+    """Write ``text_encoder/`` in float16; like :func:`save_unet`, the model is converted in place."""
+    text_encoder.to(torch.float16).save_pretrained(folder / TEXT_ENCODER_DIR)
+    return folder / TEXT_ENCODER_DIR
+
+
+def save_samples(folder: Path, images: Iterable[Image.Image]) -> list[str]:
+    """Write ``samples/sample_<i>.png`` as each image arrives (a generator renders the next only after this one is
+    on disk); return the file names. No images, no ``samples/`` folder."""
+    names = []
+    for index, image in enumerate(images):
+        if index == 0:
+            (folder / SAMPLES_DIR).mkdir()
+        name = SAMPLE_NAME.format(index=index)
+        image.save(folder / SAMPLES_DIR / name)
+        names.append(name)
+    return names
+
+
+def save_config(folder: Path, values: dict[str, Any]) -> Path:
+    """Write ``training_config.json``: what :func:`read_artifact` and ``TrainingConfig.from_dict`` read back."""
+    return _write_json(folder / CONFIG_FILE, values)
+
+
+def save_summary(folder: Path, values: dict[str, Any]) -> Path:
+    """Write ``training_summary.json``: the run's timings and losses, for the card and the benchmarks."""
+    return _write_json(folder / SUMMARY_FILE, values)
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> Path:
+    # Sorted keys and a final newline: two runs with the same settings write the same bytes, which diffs well.
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def save_card(folder: Path, text: str) -> Path:
+    """Write ``README.md`` (rendered by :mod:`personalization.model_card`) byte for byte: no newline translation,
+    as ``huggingface_hub.ModelCard.save`` does."""
+    path = folder / CARD_FILE
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def read_card(folder: Path | str) -> str:
+    """The folder's ``README.md``, for the copy of the card that is pushed."""
+    return (Path(folder) / CARD_FILE).read_text(encoding="utf-8")
+
+
+# ---- web-UI copies: files for AUTOMATIC1111 / ComfyUI that diffusers ignores ----------------------------------------
 def webui_name(trigger_token: str) -> str:
     """A file-name stem from the trigger (never from a path): ``<my-dog>`` -> ``my-dog``."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", trigger_token).strip("-_")
     return stem or "subject"
+
+
+def webui_embedding_file(trigger_token: str) -> str:
+    """``<name>_emb.safetensors``; in AUTOMATIC1111 an embedding's file name is its trigger word."""
+    return webui_name(trigger_token) + WEBUI_EMBEDDING_SUFFIX
+
+
+def webui_lora_file(trigger_token: str) -> str:
+    """``<name>_lora_kohya.safetensors``."""
+    return webui_name(trigger_token) + WEBUI_LORA_SUFFIX
 
 
 def save_webui_copies(folder: Path, trigger_token: str, vector: torch.Tensor | None,
@@ -89,70 +185,72 @@ def save_webui_copies(folder: Path, trigger_token: str, vector: torch.Tensor | N
     and the LoRA in kohya naming as ``<name>_lora_kohya.safetensors``. Diffusers ignores both files."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 
-    stem = webui_name(trigger_token)
     written = []
     if vector is not None:
-        tensor = vector.detach().to("cpu", torch.float32).reshape(-1, vector.shape[-1]).contiguous()
-        path = folder / f"{stem}_emb.safetensors"
-        save_file({"emb_params": tensor}, str(path))
+        path = folder / webui_embedding_file(trigger_token)
+        save_file({"emb_params": _embedding_tensor(vector)}, str(path))
         written.append(path)
     if unet_lora_layers:
         peft_layers = convert_unet_state_dict_to_peft(dict(unet_lora_layers))
         kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_layers.items()})
-        path = folder / f"{stem}_lora_kohya.safetensors"
+        path = folder / webui_lora_file(trigger_token)
         save_file({key: value.contiguous() for key, value in kohya.items()}, str(path))
         written.append(path)
     return written
 
 
-def load_embedding(folder: Path) -> tuple[str, torch.Tensor]:
-    tensors = load_file(str(Path(folder) / EMBEDDINGS_FILE))
-    if len(tensors) != 1:
-        raise ArtifactError(f"{EMBEDDINGS_FILE} must hold exactly one trigger, found {len(tensors)}")
-    (token, vector), = tensors.items()
-    return token, vector
-
-
-def write_json(path: Path, values: dict[str, Any]) -> None:
-    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
+# ---- the reader ------------------------------------------------------------------------------------------------------
 def read_artifact(folder: Path | str) -> ArtifactInfo:
-    """Describe an artifact folder or raise :class:`ArtifactError` naming what is missing."""
+    """Describe an artifact folder or raise :class:`ArtifactError` naming what is missing or damaged."""
     folder = Path(folder)
     if not folder.is_dir():
         recover_output_dir(folder)  # a run killed between its two renames left the earlier result aside
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such artifact folder")
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise ArtifactError(f"{folder.name}: no {CONFIG_FILE}; is this a folder written by this engine?")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ArtifactError(f"{folder.name}/{CONFIG_FILE} is not valid JSON ({error})") from None
+    config = _read_config(folder)
     has_embeddings = (folder / EMBEDDINGS_FILE).is_file()
     has_lora = (folder / LORA_FILE).is_file()
     has_unet = (folder / UNET_DIR / "config.json").is_file()
     has_text_encoder = (folder / TEXT_ENCODER_DIR / "config.json").is_file()
     if not (has_embeddings or has_lora or has_unet or has_text_encoder):
         raise ArtifactError(f"{folder.name}: holds no weights ({EMBEDDINGS_FILE}, {LORA_FILE} or {UNET_DIR}/)")
+    if has_embeddings and len(keys := _safetensors_keys(folder, EMBEDDINGS_FILE)) != 1:
+        # load_textual_inversion(dir) without token= only works with one key, and the key is the trigger
+        raise ArtifactError(f"{folder.name}/{EMBEDDINGS_FILE} must hold exactly one trigger, found {len(keys)}")
+    if has_lora and not _safetensors_keys(folder, LORA_FILE):
+        raise ArtifactError(f"{folder.name}/{LORA_FILE} holds no tensors")
     trigger = str(config.get("trigger_token") or "")
     noun = str(config.get("class_noun") or "")
-    instance_prompt = instance_phrase(trigger, noun, str(config.get("subject_type") or "object"))
     return ArtifactInfo(
-        folder=folder,
-        base_model=str(config.get("base_model") or ""),
-        method=str(config.get("method") or ""),
-        trigger_token=trigger,
-        class_noun=noun,
-        instance_prompt=instance_prompt,
-        has_embeddings=has_embeddings,
-        has_lora=has_lora,
-        has_unet=has_unet,
-        has_text_encoder=has_text_encoder,
+        folder=folder, base_model=str(config.get("base_model") or ""), method=str(config.get("method") or ""),
+        trigger_token=trigger, class_noun=noun,
+        instance_prompt=instance_phrase(trigger, noun, str(config.get("subject_type") or "object")),
+        has_embeddings=has_embeddings, has_lora=has_lora, has_unet=has_unet, has_text_encoder=has_text_encoder,
         config=config,
     )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{folder.name}: no {CONFIG_FILE}; is this a folder written by this engine?")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{folder.name}/{CONFIG_FILE} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{folder.name}/{CONFIG_FILE} is not a JSON object")
+    return config
+
+
+def _safetensors_keys(folder: Path, name: str) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone (cheap however large the file). The header
+    records every tensor's byte range, so a truncated or foreign file is refused here, not deep inside diffusers."""
+    try:
+        with safe_open(str(folder / name), framework="pt") as file:
+            return list(file.keys())
+    except (SafetensorError, OSError) as error:
+        raise ArtifactError(f"{folder.name}/{name} is damaged or not a safetensors file ({error})") from None
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:

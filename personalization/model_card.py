@@ -109,12 +109,12 @@ def build_model_card(
     else:
         base_text = f"a local base model ({base})"
         base_for_code = "PATH/TO/BASE_MODEL"
-    stem = artifacts.webui_name(config.trigger_token or "")
     webui_files = []
     if config.learns_token:
-        webui_files.append(f"`{stem}_emb.safetensors` (embedding; in AUTOMATIC1111 its file name is the trigger)")
+        webui_files.append(f"`{artifacts.webui_embedding_file(config.trigger_token or '')}` (embedding; in "
+                           "AUTOMATIC1111 its file name is the trigger)")
     if config.uses_lora:
-        webui_files.append(f"`{stem}_lora_kohya.safetensors` (LoRA in kohya naming)")
+        webui_files.append(f"`{artifacts.webui_lora_file(config.trigger_token or '')}` (LoRA in kohya naming)")
     webui = ("## AUTOMATIC1111 / ComfyUI\n\nAlso in this repo: " + " and ".join(webui_files) + ".\n") if webui_files \
         else ""
     samples = "\n".join(f"![sample {i}]({artifacts.SAMPLES_DIR}/{name})" for i, name in enumerate(sample_names))
@@ -159,12 +159,9 @@ def _sample_prompt(config: TrainingConfig, index: int) -> str:
 
 def write_model_card(folder: Path, config: TrainingConfig, summary: dict[str, Any], sample_names: list[str],
                      repo_id: str = REPO_PLACEHOLDER) -> Path:
-    path = folder / artifacts.CARD_FILE
-    build_model_card(config, summary, sample_names, repo_id).save(str(path))
-    return path
+    return artifacts.save_card(folder, str(build_model_card(config, summary, sample_names, repo_id)))
 
 
 def card_for_repo(folder: Path, repo_id: str) -> bytes:
     """The folder's card with its snippet naming `repo_id`: what is pushed there. The local card is not touched."""
-    text = (Path(folder) / artifacts.CARD_FILE).read_text(encoding="utf-8")
-    return text.replace(REPO_PLACEHOLDER, repo_id).encode("utf-8")
+    return artifacts.read_card(folder).replace(REPO_PLACEHOLDER, repo_id).encode("utf-8")

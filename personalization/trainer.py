@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -550,12 +550,12 @@ def train(
     if not accelerator.is_main_process:
         return result
     with artifacts.atomic_output_dir(output_dir, overwrite=overwrite) as staging:
-        sample_names = _write_samples(comps, config, staging, cancel)
+        sample_names = artifacts.save_samples(staging, _render_samples(comps, config, cancel))
         _write_weights(comps, config, recipe, trigger_id, staging)
         saved = {**config.to_dict(), "base_model": portable_base_model(base_model)}
-        artifacts.write_json(staging / artifacts.CONFIG_FILE, saved)
+        artifacts.save_config(staging, saved)
         result.seconds_total = time.perf_counter() - started
-        artifacts.write_json(staging / artifacts.SUMMARY_FILE, summary_dict(result))
+        artifacts.save_summary(staging, summary_dict(result))
         write_model_card(staging, TrainingConfig.from_dict(saved), summary_dict(result), sample_names)
     result.sample_files = [output_dir / artifacts.SAMPLES_DIR / name for name in sample_names]
     return result
@@ -586,13 +586,12 @@ def summary_dict(result: TrainingResult) -> dict[str, Any]:
     }
 
 
-def _write_samples(comps: Components, config: TrainingConfig, folder: Path, cancel: CancelFlag) -> list[str]:
+def _render_samples(comps: Components, config: TrainingConfig, cancel: CancelFlag) -> Iterator[Image.Image]:
+    """The card's samples, one at a time (a generator: each is written before the next is rendered)."""
     if not config.sample_count:
-        return []
-    (folder / artifacts.SAMPLES_DIR).mkdir()
+        return
     pipeline = sampling_pipeline(comps)
     prompts = config.sample_prompts()
-    names = []
     for index in range(config.sample_count):
         cancel.raise_if_cancelled()
         generator = torch.Generator("cpu").manual_seed(config.seed + index)
@@ -601,10 +600,7 @@ def _write_samples(comps: Components, config: TrainingConfig, folder: Path, canc
             image = pipeline(prompts[index % len(prompts)], num_inference_steps=config.sample_steps,
                              guidance_scale=config.guidance_scale, height=resolution, width=resolution,
                              generator=generator).images[0]
-        name = f"sample_{index}.png"
-        image.save(folder / artifacts.SAMPLES_DIR / name)
-        names.append(name)
-    return names
+        yield image
 
 
 def _write_weights(comps: Components, config: TrainingConfig, recipe: Recipe, trigger_id: int | None,
@@ -621,13 +617,10 @@ def _write_weights(comps: Components, config: TrainingConfig, recipe: Recipe, tr
         from peft.utils import get_peft_model_state_dict
 
         unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(comps.unet))
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=unet_layers,
-            unet_lora_adapter_metadata=comps.unet.peft_config["default"].to_dict(),
-        )
+        artifacts.save_lora(folder, unet_layers, comps.unet.peft_config["default"].to_dict())
         artifacts.save_webui_copies(folder, config.trigger_token or "", vector, unet_layers)
         return
     artifacts.save_webui_copies(folder, config.trigger_token or "", vector, None)
-    comps.unet.to(torch.float16).save_pretrained(folder / artifacts.UNET_DIR)
+    artifacts.save_unet(folder, comps.unet)
     if config.train_text_encoder:
-        comps.text_encoder.to(torch.float16).save_pretrained(folder / artifacts.TEXT_ENCODER_DIR)
+        artifacts.save_text_encoder(folder, comps.text_encoder)
