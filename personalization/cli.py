@@ -1,4 +1,4 @@
-"""Command line: ``python -m personalization train|generate ...``.
+"""Command line: ``python -m personalization train|generate|evaluate|push ...``.
 
 Bad input ends with one line on stderr and a non-zero exit code; ``--debug`` shows the traceback instead.
 """
@@ -7,33 +7,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import os
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .config import METHODS, MIXED_PRECISIONS, STAGE2_MODES, SUBJECT_TYPES, ConfigError, TrainingConfig
+from .config import GENERATION_DEFAULTS, ConfigError, ConfigField, TrainingConfig, config_fields
 from .progress import ProgressEvent, TrainingCancelled
 
-# Option name -> config field, for the options that map one to one.
-TRAIN_OPTIONS = {
-    "method": "method", "stage2_mode": "stage2_mode", "subject_type": "subject_type", "base_model": "base_model",
-    "trigger": "trigger_token", "init_word": "init_word", "resolution": "resolution",
-    "stage1_steps": "stage1_steps", "stage1_lr": "stage1_learning_rate", "stage2_steps": "stage2_steps",
-    "stage2_lr": "stage2_learning_rate", "batch_size": "max_batch_size", "lora_rank": "lora_rank",
-    "lora_alpha": "lora_alpha", "class_images": "class_images", "class_prompt": "class_prompt",
-    "seed": "seed", "mixed_precision": "mixed_precision", "preview_interval": "preview_interval",
-    "samples": "sample_count", "sample_steps": "sample_steps", "guidance": "guidance_scale",
-}
-TRAIN_FLAGS = {
-    "prior_preservation": "prior_preservation", "train_text_encoder": "train_text_encoder",
-    "gradient_checkpointing": "gradient_checkpointing", "use_8bit_adam": "use_8bit_adam",
-    "compile_unet": "compile_unet",
-}
+# Words that switch off a field whose None means "off" (FieldInfo.none_is_off), besides 0.
+OFF_WORDS = ("none",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,51 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train on a folder of subject photos and write an artifact folder")
     train.add_argument("--images", required=True, type=Path, help="folder of 1-50 photos of the subject")
-    train.add_argument("--class-noun", help="what the subject is, e.g. dog, backpack, star (required unless --config)")
     train.add_argument("--out", required=True, type=Path, help="artifact folder to write (what gets pushed)")
     train.add_argument("--config", type=Path, help="a training_config.json to start from; options override it")
     train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    train.add_argument("--method", choices=METHODS, help="default: two_stage")
-    train.add_argument("--stage2-mode", choices=STAGE2_MODES, help="two_stage U-Net training: full or lora")
-    train.add_argument("--subject-type", choices=SUBJECT_TYPES, help="preset: prompt templates, flips, steps")
-    train.add_argument("--base-model", help="Hub id or local diffusers folder (default: SD-1.5 on GPU, mini on CPU)")
-    train.add_argument("--trigger", help="the new token, e.g. '<my-dog>' (DreamBooth: an identifier like sks)")
-    train.add_argument("--init-word", help="word whose embedding starts the trigger (default: the class noun)")
-    train.add_argument("--resolution", type=int)
-    train.add_argument("--stage1-steps", type=int, help="trigger-embedding steps (two_stage, textual_inversion)")
-    train.add_argument("--stage1-lr", type=float)
-    train.add_argument("--stage2-steps", type=int, help="U-Net steps (two_stage stage 2, DreamBooth)")
-    train.add_argument("--stage2-lr", type=float)
-    train.add_argument("--batch-size", type=int, help="images per step (cap; default 4)")
-    train.add_argument("--lora-rank", type=int)
-    train.add_argument("--lora-alpha", type=int)
-    train.add_argument("--prior-preservation", action="store_true", help="DreamBooth: regularize with class images")
-    train.add_argument("--class-images", type=int, help="number of prior-preservation images")
-    train.add_argument("--class-prompt")
-    train.add_argument("--train-text-encoder", action="store_true", help="DreamBooth: also train the text encoder")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--mixed-precision", choices=MIXED_PRECISIONS)
-    train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--use-8bit-adam", action="store_true")
-    train.add_argument("--compile-unet", action="store_true",
-                       help="torch.compile the U-Net's transformer blocks (regional): faster steps after a warm-up")
-    train.add_argument("--validation-prompt", action="append", dest="validation_prompts",
-                       help="prompt for the sample images (repeatable)")
-    train.add_argument("--preview-interval", type=int, help="render a preview every N steps (0: never)")
-    train.add_argument("--samples", type=int, help="sample images written to samples/")
-    train.add_argument("--sample-steps", type=int)
-    train.add_argument("--guidance", type=float)
+    add_config_options(train)
 
     generate = commands.add_parser("generate", help="generate images with an artifact folder")
     generate.add_argument("--artifact", required=True, help="artifact folder (or Hub repo id)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--out", required=True, type=Path, help="image file; several images get _1, _2 ...")
-    generate.add_argument("--negative-prompt", default="")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--steps", type=int, default=25)
-    generate.add_argument("--guidance", type=float, default=5.0)
-    generate.add_argument("--lora-scale", type=float, default=1.0)
-    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--negative-prompt", default=GENERATION_DEFAULTS.negative_prompt)
+    generate.add_argument("--seed", type=int, default=GENERATION_DEFAULTS.seed)
+    generate.add_argument("--steps", type=int, default=GENERATION_DEFAULTS.steps)
+    generate.add_argument("--guidance", type=float, default=GENERATION_DEFAULTS.guidance_scale)
+    generate.add_argument("--lora-scale", type=float, default=GENERATION_DEFAULTS.lora_scale)
+    generate.add_argument("--num-images", type=int, default=GENERATION_DEFAULTS.num_images)
     generate.add_argument("--base-model", help="override the base model recorded in the artifact")
     generate.add_argument("--token", help="Hugging Face token for private repos (default: $HF_TOKEN)")
 
@@ -101,30 +59,71 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompts", choices=("object", "live"), default="object",
                           help="DreamBooth prompt list: objects or live subjects")
     evaluate.add_argument("--seeds", type=int, default=4, help="images per prompt")
-    evaluate.add_argument("--steps", type=int, default=25)
-    evaluate.add_argument("--guidance", type=float, default=5.0)
+    evaluate.add_argument("--steps", type=int, default=GENERATION_DEFAULTS.steps)
+    evaluate.add_argument("--guidance", type=float, default=GENERATION_DEFAULTS.guidance_scale)
     evaluate.add_argument("--max-prompts", type=int, help="only the first N prompts of the list")
     evaluate.add_argument("--base-model", help="override the base model recorded in the artifact")
     evaluate.add_argument("--clip-model", default=None, help="CLIP model id or folder")
     evaluate.add_argument("--dino-model", default=None, help="DINO ViT-S/16 model id or folder")
     evaluate.add_argument("--out", type=Path, help="write the report as JSON")
+
+    push = commands.add_parser("push", help="push an artifact folder to a Hugging Face model repo (private unless "
+                                            "--public)")
+    push.add_argument("--artifact", required=True, type=Path, help="artifact folder written by train")
+    push.add_argument("--repo", required=True, help="repo name (under the token's account) or namespace/name")
+    push.add_argument("--public", action="store_true", help="make the repo public (default: private)")
+    push.add_argument("--token", help="Hugging Face token with write access (default: $HF_TOKEN)")
     return parser
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config field that has a flag (:class:`~personalization.config.FieldInfo`). An option that
+    is not given leaves no attribute, so a --config file's value stays; booleans also get a --no- form."""
+    for spec in config_fields():
+        flag = spec.info.flag
+        if flag is None:
+            continue
+        help_text = spec.info.help
+        if spec.name == "class_noun":
+            help_text += " (required unless --config)"
+        options: dict = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
+        if spec.kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif spec.kind is list:
+            options |= {"action": "append", "metavar": _metavar(flag)}
+        elif spec.choices:
+            options["choices"] = spec.choices
+        else:
+            options |= {"type": _parse_value(spec), "metavar": _metavar(flag)}
+        if spec.kind is not bool and spec.default not in (None, dataclasses.MISSING, []):
+            options["help"] += f" (default: {spec.default})"
+        parser.add_argument(flag, **options)
+
+
+def _metavar(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_").upper()
+
+
+def _parse_value(spec: ConfigField) -> Callable[[str], object]:
+    kind = spec.kind
+    if not spec.info.none_is_off:
+        return kind
+
+    def parse(text: str) -> object:
+        if text.strip().lower() in OFF_WORDS:
+            return None
+        value = kind(text)
+        return None if value == 0 else value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" message
+    return parse
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     """The validated config the options describe (a --config file first, then the options on top)."""
     values = TrainingConfig.from_json_file(args.config).to_dict() if args.config else {}
-    for option, name in TRAIN_OPTIONS.items():
-        value = getattr(args, option)
-        if value is not None:
-            values[name] = value
-    for option, name in TRAIN_FLAGS.items():
-        if getattr(args, option):
-            values[name] = True
-    if args.validation_prompts:
-        values["validation_prompts"] = args.validation_prompts
-    if args.class_noun:
-        values["class_noun"] = args.class_noun
+    given = vars(args)
+    values |= {spec.name: given[spec.name] for spec in config_fields() if spec.name in given}
     if not values.get("class_noun"):
         raise ConfigError("--class-noun is required (what the subject is, e.g. dog)")
     return TrainingConfig.from_dict(values).validate()
@@ -194,6 +193,20 @@ def run_generate(args: argparse.Namespace) -> int:
         path = args.out if index == 0 else args.out.with_name(f"{args.out.stem}_{index}{args.out.suffix}")
         image.save(path)
         print(f"wrote {path}")
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """Push an artifact folder; the token (from --token or $HF_TOKEN) is never printed or written."""
+    from .hub import HubError, push_artifact, resolve_token
+
+    token = resolve_token(args.token)
+    if token is None:
+        raise HubError("A Hugging Face token is needed: pass --token or set HF_TOKEN (a token with write access).")
+    visibility = "public" if args.public else "private"
+    print(f"pushing {args.artifact} to {args.repo} ({visibility}) ...", flush=True)
+    url = push_artifact(args.artifact, args.repo, token, private=not args.public)
+    print(url)
     return 0
 
 
@@ -287,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_train(args)
             if args.command == "evaluate":
                 return run_evaluate(args)
+            if args.command == "push":
+                return run_push(args)
             return run_generate(args)
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as Terminated
         return _interrupted(interrupt, args.debug)

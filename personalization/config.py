@@ -9,19 +9,41 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 Method = Literal["two_stage", "textual_inversion", "dreambooth", "dreambooth_lora"]
 Stage2Mode = Literal["full", "lora"]
 SubjectType = Literal["object", "pet", "person", "style"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 
-METHODS: tuple[str, ...] = ("two_stage", "textual_inversion", "dreambooth", "dreambooth_lora")
-STAGE2_MODES: tuple[str, ...] = ("full", "lora")
-SUBJECT_TYPES: tuple[str, ...] = ("object", "pet", "person", "style")
-MIXED_PRECISIONS: tuple[str, ...] = ("auto", "no", "fp16", "bf16")
+METHODS: tuple[str, ...] = typing.get_args(Method)
+STAGE2_MODES: tuple[str, ...] = typing.get_args(Stage2Mode)
+SUBJECT_TYPES: tuple[str, ...] = typing.get_args(SubjectType)
+MIXED_PRECISIONS: tuple[str, ...] = typing.get_args(MixedPrecision)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Generation's defaults and limits, in one place: ``GenerationRequest``, the CLI's ``generate`` and
+    ``evaluate``, the training run's sample images, the app's sliders and the card's snippet read them here."""
+
+    steps: int = 25
+    guidance_scale: float = 5.0
+    lora_scale: float = 1.0
+    num_images: int = 1
+    seed: int = 0
+    negative_prompt: str = ""
+    max_steps: int = 200
+    max_guidance_scale: float = 50.0
+    max_lora_scale: float = 2.0
+    max_num_images: int = 8
+
+
+GENERATION_DEFAULTS = GenerationDefaults()
 
 MAX_SUBJECT_IMAGES = 50
 
@@ -97,60 +119,153 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field."""
 
 
+@dataclass(frozen=True)
+class FieldInfo:
+    """How people see and set one config field. The CLI's ``train`` options are generated from it, and the app's
+    hyperparameter form can be: adding a field to :class:`TrainingConfig` is one edit.
+
+    ``label``: a short name (the form's label). ``help``: one line (the CLI's help, the form's info text).
+    ``flag``: the CLI option, or None for none. ``form``: shown in the app's hyperparameter form.
+    ``minimum``/``maximum``: bounds :meth:`TrainingConfig.validate` checks (``above_minimum``: the minimum itself
+    is refused); a form gives them to its widget. ``none_is_off``: None switches the feature off (rather than
+    "the method's default"); the CLI takes 0 or ``none`` for it.
+    """
+
+    label: str
+    help: str = ""
+    flag: str | None = None
+    form: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    above_minimum: bool = False
+    none_is_off: bool = False
+
+
+_DERIVED = "default: from the method and the subject type"
+
+
 @dataclass
 class TrainingConfig:
-    """Everything a training run needs, validated by :meth:`validate` and completed by :meth:`resolved`."""
+    """Everything a training run needs, validated by :meth:`validate` and completed by :meth:`resolved`.
 
-    class_noun: str
-    method: str = "two_stage"
-    stage2_mode: str | None = None
-    subject_type: str = "object"
-    base_model: str | None = None
-    trigger_token: str | None = None
-    init_word: str | None = None
-    resolution: int | None = None
-    prompt_templates: list[str] | None = None
-    center_crop: bool = True
-    flip: bool | None = None
+    Each field says how it is shown and set in its :class:`FieldInfo` (see :func:`config_fields`)."""
 
-    stage1_steps: int | None = None
-    stage1_learning_rate: float | None = None
-    stage1_weight_decay: float = 0.0
-    stage2_steps: int | None = None
-    stage2_learning_rate: float | None = None
-    max_batch_size: int = 4
-    snr_gamma: float | None = 5.0
-    max_grad_norm: float = 1.0
+    class_noun: str = field(metadata={"info": FieldInfo(
+        "Class noun", "what the subject is, e.g. dog, backpack, star", "--class-noun")})
+    method: Method = field(default="two_stage", metadata={"info": FieldInfo("Method", "what is trained", "--method")})
+    stage2_mode: Stage2Mode | None = field(default=None, metadata={"info": FieldInfo(
+        "Stage 2: LoRA or full U-Net", "two_stage U-Net training: full or lora (default: lora; full on the mini "
+        "model)", "--stage2-mode")})
+    subject_type: SubjectType = field(default="object", metadata={"info": FieldInfo(
+        "Subject type", "preset: prompt templates, flips, steps", "--subject-type")})
+    base_model: str | None = field(default=None, metadata={"info": FieldInfo(
+        "Base model", "Hub id or local diffusers folder (default: SD-1.5 on GPU, mini on CPU)", "--base-model")})
+    trigger_token: str | None = field(default=None, metadata={"info": FieldInfo(
+        "Trigger", "the new token, e.g. '<my-dog>' (DreamBooth: an identifier like sks)", "--trigger")})
+    init_word: str | None = field(default=None, metadata={"info": FieldInfo(
+        "Initial word", "word whose embedding starts the trigger (default: the class noun)", "--init-word")})
+    resolution: int | None = field(default=None, metadata={"info": FieldInfo(
+        "Resolution", "training size in pixels, a multiple of 8 (default: the base model's)", "--resolution",
+        minimum=16, maximum=2048)})
+    prompt_templates: list[str] | None = field(default=None, metadata={"info": FieldInfo(
+        "Prompt templates", "training prompt with {trigger} and {noun} (repeatable; default: the preset's)",
+        "--prompt-template")})
+    center_crop: bool = field(default=True, metadata={"info": FieldInfo(
+        "Center crop", "crop photos to a centred square (off: pad them to a square with their border colour)",
+        "--center-crop")})
+    flip: bool | None = field(default=None, metadata={"info": FieldInfo(
+        "Random flips", "show each photo mirrored half of the time (default: the preset's; off for objects and "
+        "people)", "--flip")})
 
-    lora_rank: int = 16
-    lora_alpha: int | None = None
+    stage1_steps: int | None = field(default=None, metadata={"info": FieldInfo(
+        "Stage 1 / TI steps", f"trigger-embedding steps (two_stage, textual_inversion; {_DERIVED})",
+        "--stage1-steps", form=True, minimum=0, maximum=100_000)})
+    stage1_learning_rate: float | None = field(default=None, metadata={"info": FieldInfo(
+        "Stage 1 / TI learning rate", f"learning rate of the trigger embedding ({_DERIVED})", "--stage1-lr",
+        form=True, minimum=0.0, maximum=1.0)})
+    stage1_weight_decay: float = field(default=0.0, metadata={"info": FieldInfo(
+        "Stage 1 weight decay", "AdamW weight decay of the trigger embedding", "--stage1-weight-decay",
+        minimum=0.0, maximum=1.0)})
+    stage2_steps: int | None = field(default=None, metadata={"info": FieldInfo(
+        "U-Net steps", f"U-Net steps (two_stage stage 2, DreamBooth; {_DERIVED})", "--stage2-steps", form=True,
+        minimum=0, maximum=100_000)})
+    stage2_learning_rate: float | None = field(default=None, metadata={"info": FieldInfo(
+        "U-Net learning rate", f"learning rate of the U-Net ({_DERIVED} and the stage 2 mode)", "--stage2-lr",
+        form=True, minimum=0.0, maximum=1.0)})
+    max_batch_size: int = field(default=4, metadata={"info": FieldInfo(
+        "Images per step", "subject images per step, at most this many (all of them when fewer)", "--batch-size",
+        form=True, minimum=1, maximum=64)})
+    snr_gamma: float | None = field(default=5.0, metadata={"info": FieldInfo(
+        "Min-SNR gamma", "min-SNR loss weighting gamma; 0 or none: off (plain MSE, as in diffusers' scripts)",
+        "--snr-gamma", minimum=0.0, maximum=100.0, above_minimum=True, none_is_off=True)})
+    max_grad_norm: float = field(default=1.0, metadata={"info": FieldInfo(
+        "Gradient clipping", "clip gradients to this norm", "--max-grad-norm", minimum=0.0, maximum=1e6,
+        above_minimum=True)})
 
-    prior_preservation: bool = False
-    class_images: int = 100
-    class_prompt: str | None = None
-    prior_loss_weight: float = 1.0
-    train_text_encoder: bool = False
+    lora_rank: int = field(default=16, metadata={"info": FieldInfo(
+        "LoRA rank", "rank of the U-Net LoRA (LoRA modes)", "--lora-rank", form=True, minimum=1, maximum=512)})
+    lora_alpha: int | None = field(default=None, metadata={"info": FieldInfo(
+        "LoRA alpha", "LoRA alpha (default: the rank, a scale of 1)", "--lora-alpha", minimum=1, maximum=4096)})
 
-    seed: int = 0
-    mixed_precision: str = "auto"
-    gradient_checkpointing: bool = False
-    use_8bit_adam: bool = False
-    compile_unet: bool = False
+    prior_preservation: bool = field(default=False, metadata={"info": FieldInfo(
+        "DreamBooth: prior preservation (class images)", "DreamBooth: regularize with class images",
+        "--prior-preservation", form=True)})
+    class_images: int = field(default=100, metadata={"info": FieldInfo(
+        "Class images", "number of prior-preservation images", "--class-images", form=True, minimum=1,
+        maximum=2000)})
+    class_prompt: str | None = field(default=None, metadata={"info": FieldInfo(
+        "Class prompt", "prompt of the class images (default: 'a photo of a <class noun>')", "--class-prompt")})
+    prior_loss_weight: float = field(default=1.0, metadata={"info": FieldInfo(
+        "Prior loss weight", "weight of the class images' loss (prior preservation)", "--prior-loss-weight",
+        minimum=0.0, maximum=100.0)})
+    train_text_encoder: bool = field(default=False, metadata={"info": FieldInfo(
+        "DreamBooth: train the text encoder", "DreamBooth: also train the text encoder", "--train-text-encoder",
+        form=True)})
 
-    validation_prompts: list[str] = field(default_factory=list)
-    preview_interval: int = 0
-    sample_count: int = 4
-    sample_steps: int = 25
-    guidance_scale: float = 5.0
+    seed: int = field(default=0, metadata={"info": FieldInfo(
+        "Seed", "seed of the run", "--seed", form=True, minimum=0, maximum=2**32 - 1)})
+    mixed_precision: MixedPrecision = field(default="auto", metadata={"info": FieldInfo(
+        "Mixed precision", "auto: bf16 on GPUs that have it, else fp16; fp32 on CPU", "--mixed-precision")})
+    gradient_checkpointing: bool = field(default=False, metadata={"info": FieldInfo(
+        "Gradient checkpointing (less memory; on by itself on small GPUs)",
+        "less memory, slower steps (switched on by itself on small GPUs)", "--gradient-checkpointing", form=True)})
+    use_8bit_adam: bool = field(default=False, metadata={"info": FieldInfo(
+        "8-bit Adam (less memory; on by itself on small GPUs)",
+        "8-bit AdamW from bitsandbytes: less memory (switched on by itself on small GPUs)", "--use-8bit-adam",
+        form=True)})
+    compile_unet: bool = field(default=False, metadata={"info": FieldInfo(
+        "Compile the U-Net (GPU: faster steps after a warm-up)",
+        "torch.compile the U-Net's transformer blocks (regional): faster steps after a warm-up", "--compile-unet",
+        form=True)})
+
+    validation_prompts: list[str] = field(default_factory=list, metadata={"info": FieldInfo(
+        "Sample prompts", "prompt for the sample images (repeatable)", "--validation-prompt")})
+    preview_interval: int = field(default=0, metadata={"info": FieldInfo(
+        "Preview every N steps (0: off)", "render a preview every N steps (0: never)", "--preview-interval",
+        form=True, minimum=0, maximum=100_000)})
+    sample_count: int = field(default=4, metadata={"info": FieldInfo(
+        "Sample images", "sample images written to samples/", "--samples", minimum=0, maximum=16)})
+    sample_steps: int = field(default=GENERATION_DEFAULTS.steps, metadata={"info": FieldInfo(
+        "Sample steps", "denoising steps of the sample and preview images", "--sample-steps", minimum=1,
+        maximum=GENERATION_DEFAULTS.max_steps)})
+    guidance_scale: float = field(default=GENERATION_DEFAULTS.guidance_scale, metadata={"info": FieldInfo(
+        "Sample guidance", "guidance scale of the sample, preview and class images", "--guidance", minimum=0.0,
+        maximum=GENERATION_DEFAULTS.max_guidance_scale)})
 
     # ---- validation -------------------------------------------------------------------------------------------
-    def validate(self) -> TrainingConfig:
+    def validate(self) -> Self:
         """Raise :class:`ConfigError` naming the first invalid field; return self so calls can chain."""
-        _check_choice("method", self.method, METHODS)
-        if self.stage2_mode is not None:
-            _check_choice("stage2_mode", self.stage2_mode, STAGE2_MODES)
-        _check_choice("subject_type", self.subject_type, SUBJECT_TYPES)
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        for spec in CONFIG_FIELDS:
+            value = getattr(self, spec.name)
+            if value is None and spec.optional:
+                continue
+            if spec.choices:
+                _check_choice(spec.name, value, spec.choices)
+            elif spec.info.minimum is not None and spec.info.maximum is not None:
+                if spec.kind is int:
+                    _check_int(spec.name, value, int(spec.info.minimum), int(spec.info.maximum))
+                else:
+                    _check_float(spec.name, value, spec.info.minimum, spec.info.maximum, spec.info.above_minimum)
         noun = self.class_noun.strip() if isinstance(self.class_noun, str) else ""
         if not re.fullmatch(r"[A-Za-z][A-Za-z \-]{0,39}", noun):
             raise ConfigError(
@@ -161,33 +276,8 @@ class TrainingConfig:
             raise ConfigError(f"init_word must be a single plain word, got {self.init_word!r}")
         if self.trigger_token is not None and (not self.trigger_token.strip() or re.search(r"\s", self.trigger_token)):
             raise ConfigError(f"trigger_token must be one word without spaces, got {self.trigger_token!r}")
-        if self.resolution is not None:
-            _check_int("resolution", self.resolution, 16, 2048)
-            if self.resolution % 8:
-                raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
-        for name in ("stage1_steps", "stage2_steps"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_int(name, value, 0, 100_000)
-        for name in ("stage1_learning_rate", "stage2_learning_rate"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_float(name, value, 0.0, 1.0)
-        _check_float("stage1_weight_decay", self.stage1_weight_decay, 0.0, 1.0)
-        _check_int("max_batch_size", self.max_batch_size, 1, 64)
-        if self.snr_gamma is not None:
-            _check_float("snr_gamma", self.snr_gamma, 0.0, 100.0, exclusive_low=True)
-        _check_float("max_grad_norm", self.max_grad_norm, 0.0, 1e6, exclusive_low=True)
-        _check_int("lora_rank", self.lora_rank, 1, 512)
-        if self.lora_alpha is not None:
-            _check_int("lora_alpha", self.lora_alpha, 1, 4096)
-        _check_int("class_images", self.class_images, 1, 2000)
-        _check_float("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
-        _check_int("seed", self.seed, 0, 2**32 - 1)
-        _check_int("preview_interval", self.preview_interval, 0, 100_000)
-        _check_int("sample_count", self.sample_count, 0, 16)
-        _check_int("sample_steps", self.sample_steps, 1, 200)
-        _check_float("guidance_scale", self.guidance_scale, 0.0, 50.0)
+        if self.resolution is not None and self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.prompt_templates is not None:
             if not self.prompt_templates:
                 raise ConfigError("prompt_templates must hold at least one template")
@@ -243,7 +333,7 @@ class TrainingConfig:
     def trains_unet(self) -> bool:
         return self.method != "textual_inversion"
 
-    def resolved(self) -> TrainingConfig:
+    def resolved(self) -> ResolvedConfig:
         """A validated copy with every ``None`` default filled in from the method and the subject preset."""
         self.validate()
         values = dataclasses.asdict(self)
@@ -289,7 +379,7 @@ class TrainingConfig:
             raise ConfigError("stage1_steps and stage2_steps are both 0: nothing would be trained")
         if self.method == "two_stage" and values["stage1_steps"] == 0:
             raise ConfigError("stage1_steps must be at least 1 for two_stage (stage 1 learns the trigger)")
-        return TrainingConfig(**values).validate()
+        return ResolvedConfig(**values).validate()
 
     # ---- instance prompt --------------------------------------------------------------------------------------
     def instance_prompt(self) -> str:
@@ -311,7 +401,7 @@ class TrainingConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
+    def from_dict(cls, values: dict[str, Any]) -> Self:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -321,7 +411,7 @@ class TrainingConfig:
         return cls(**values)
 
     @classmethod
-    def from_json_file(cls, path: Path) -> TrainingConfig:
+    def from_json_file(cls, path: Path) -> Self:
         try:
             values = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
@@ -329,6 +419,104 @@ class TrainingConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config file {Path(path).name} must hold a JSON object")
         return cls.from_dict(values)
+
+
+@dataclass(kw_only=True)
+class ResolvedConfig(TrainingConfig):
+    """A config after :meth:`TrainingConfig.resolved`: every default filled in, nothing left to guess.
+
+    What the trainer, the recipes, the card and the estimates read. Only three fields may still be None:
+    ``base_model`` and ``resolution`` (the trainer fills them from the machine and the base model's files before it
+    trains, and the saved ``training_config.json`` holds both) and ``snr_gamma`` (None: min-SNR weighting off).
+    """
+
+    stage2_mode: Stage2Mode = field()
+    trigger_token: str = field()
+    init_word: str = field()
+    prompt_templates: list[str] = field()
+    flip: bool = field()
+    stage1_steps: int = field()
+    stage1_learning_rate: float = field()
+    stage2_steps: int = field()
+    stage2_learning_rate: float = field()
+    lora_alpha: int = field()
+    class_prompt: str = field()
+
+    def __post_init__(self) -> None:
+        missing = [name for name in ResolvedConfig.__annotations__ if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(f"a resolved config needs {', '.join(missing)}; use TrainingConfig(...).resolved()")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ResolvedConfig:
+        """A saved ``training_config.json`` (or any config dict), resolved: an older file without a newer field
+        gets that field's default."""
+        return TrainingConfig.from_dict(values).resolved()
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One user-settable field of :class:`TrainingConfig`, described for generated interfaces (CLI, forms).
+
+    ``kind``: int, float, bool, str or list (of strings). ``optional``: None is allowed (the method's or preset's
+    default when resolved, or "off" where ``info.none_is_off``). ``choices``: the values a Literal-typed field takes.
+    ``default``: the field's default (None: derived when resolved).
+    """
+
+    name: str
+    kind: type
+    optional: bool
+    choices: tuple[str, ...]
+    default: Any
+    info: FieldInfo
+
+    def coerce(self, value: Any) -> Any:
+        """A form's value as the field takes it: numbers as int or float, "" or None as None for optional fields."""
+        if value is None or (value == "" and self.optional):
+            return None
+        if self.kind is bool:
+            return bool(value)
+        if self.kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+
+def _describe_fields(cls: type) -> tuple[ConfigField, ...]:
+    hints = typing.get_type_hints(cls)
+    described = []
+    for spec in dataclasses.fields(cls):
+        hint, optional = hints[spec.name], False
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+            hint, optional = args[0], len(args) < len(typing.get_args(hint))
+        choices: tuple[str, ...] = ()
+        if typing.get_origin(hint) is Literal:
+            kind, choices = str, typing.get_args(hint)
+        else:
+            kind = typing.get_origin(hint) or hint
+        if spec.default is not dataclasses.MISSING:
+            default = spec.default
+        elif spec.default_factory is not dataclasses.MISSING:
+            default = spec.default_factory()
+        else:
+            default = dataclasses.MISSING
+        described.append(ConfigField(spec.name, kind, optional, choices, default, spec.metadata["info"]))
+    return tuple(described)
+
+
+CONFIG_FIELDS: tuple[ConfigField, ...] = _describe_fields(TrainingConfig)
+
+
+def config_fields() -> tuple[ConfigField, ...]:
+    """Every field of :class:`TrainingConfig` with its type and :class:`FieldInfo`, in declaration order."""
+    return CONFIG_FIELDS
+
+
+def form_fields() -> tuple[ConfigField, ...]:
+    """The fields of the app's hyperparameter form (``FieldInfo.form``), in declaration order."""
+    return tuple(spec for spec in CONFIG_FIELDS if spec.info.form)
 
 
 def mini_world_info(base_model: str | None) -> dict[str, Any] | None:

@@ -18,32 +18,37 @@ from transformers import CLIPTextModel
 
 from . import artifacts
 from .artifacts import ArtifactError, ArtifactInfo
+from .config import GENERATION_DEFAULTS
 from .device import default_base_model, resolve_base_model_path
 from .tokens import strip_trigger
 
 
 @dataclass
 class GenerationRequest:
+    """One generation call; the defaults and limits are :data:`~personalization.config.GENERATION_DEFAULTS`."""
+
     prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 25
-    guidance_scale: float = 5.0
-    lora_scale: float = 1.0
-    num_images: int = 1
+    negative_prompt: str = GENERATION_DEFAULTS.negative_prompt
+    seed: int = GENERATION_DEFAULTS.seed
+    steps: int = GENERATION_DEFAULTS.steps
+    guidance_scale: float = GENERATION_DEFAULTS.guidance_scale
+    lora_scale: float = GENERATION_DEFAULTS.lora_scale
+    num_images: int = GENERATION_DEFAULTS.num_images
     resolution: int | None = None
 
     def validate(self) -> GenerationRequest:
+        limits = GENERATION_DEFAULTS
         if not self.prompt or not self.prompt.strip():
             raise ValueError("prompt is empty")
-        if not 1 <= self.steps <= 200:
-            raise ValueError(f"steps must be between 1 and 200, got {self.steps}")
-        if not 0 <= self.guidance_scale <= 50:
-            raise ValueError(f"guidance_scale must be between 0 and 50, got {self.guidance_scale}")
-        if not 0 <= self.lora_scale <= 2:
-            raise ValueError(f"lora_scale must be between 0 and 2, got {self.lora_scale}")
-        if not 1 <= self.num_images <= 8:
-            raise ValueError(f"num_images must be between 1 and 8, got {self.num_images}")
+        if not 1 <= self.steps <= limits.max_steps:
+            raise ValueError(f"steps must be between 1 and {limits.max_steps}, got {self.steps}")
+        if not 0 <= self.guidance_scale <= limits.max_guidance_scale:
+            raise ValueError(f"guidance_scale must be between 0 and {limits.max_guidance_scale:g}, "
+                             f"got {self.guidance_scale}")
+        if not 0 <= self.lora_scale <= limits.max_lora_scale:
+            raise ValueError(f"lora_scale must be between 0 and {limits.max_lora_scale:g}, got {self.lora_scale}")
+        if not 1 <= self.num_images <= limits.max_num_images:
+            raise ValueError(f"num_images must be between 1 and {limits.max_num_images}, got {self.num_images}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be between 0 and 2^63, got {self.seed}")
         return self

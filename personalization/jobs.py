@@ -75,8 +75,8 @@ def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) 
     embed, full, lora, image = STEP_SECONDS[key]
     unet_step = lora if config.uses_lora else full
     load = MODEL_LOAD_SECONDS.get(key, DEFAULT_LOAD_SECONDS)
-    seconds = (config.stage1_steps or 0) * embed
-    stage2 = (config.stage2_steps or 0) * unet_step
+    seconds = config.stage1_steps * embed
+    stage2 = config.stage2_steps * unet_step
     plan = plan_memory(int(SD15_UNET_PARAMETERS), CARD_BYTES.get(key), full_unet=not config.uses_lora,
                        gradient_checkpointing=config.gradient_checkpointing, use_8bit_adam=config.use_8bit_adam,
                        bitsandbytes_available=True)

@@ -111,10 +111,10 @@ def build_model_card(
         base_for_code = "PATH/TO/BASE_MODEL"
     webui_files = []
     if config.learns_token:
-        webui_files.append(f"`{artifacts.webui_embedding_file(config.trigger_token or '')}` (embedding; in "
-                           "AUTOMATIC1111 its file name is the trigger)")
+        webui_files.append(f"`{artifacts.webui_embedding_file(config.trigger_token)}` (embedding; in AUTOMATIC1111 "
+                           "its file name is the trigger)")
     if config.uses_lora:
-        webui_files.append(f"`{artifacts.webui_lora_file(config.trigger_token or '')}` (LoRA in kohya naming)")
+        webui_files.append(f"`{artifacts.webui_lora_file(config.trigger_token)}` (LoRA in kohya naming)")
     webui = ("## AUTOMATIC1111 / ComfyUI\n\nAlso in this repo: " + " and ".join(webui_files) + ".\n") if webui_files \
         else ""
     samples = "\n".join(f"![sample {i}]({artifacts.SAMPLES_DIR}/{name})" for i, name in enumerate(sample_names))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import TrainingConfig
+from .config import ResolvedConfig
 from .tokens import build_prompts
 
 Trainable = Literal["embedding", "unet_full", "unet_lora"]
@@ -52,14 +52,14 @@ class Recipe:
         return any(stage.prior_preservation for stage in self.stages)
 
 
-def recipe_for(config: TrainingConfig) -> Recipe:
-    """The stages of ``config.method``; ``config`` must be resolved."""
-    prompts = tuple(build_prompts(config.prompt_templates or [], config.trigger_token or "", config.class_noun))
+def recipe_for(config: ResolvedConfig) -> Recipe:
+    """The stages of ``config.method``."""
+    prompts = tuple(build_prompts(config.prompt_templates, config.trigger_token, config.class_noun))
     embedding_stage = StagePlan(
         name="stage 1 · trigger embedding" if config.method == "two_stage" else "textual inversion",
         trainable="embedding",
-        steps=config.stage1_steps or 0,
-        learning_rate=config.stage1_learning_rate or 0.0,
+        steps=config.stage1_steps,
+        learning_rate=config.stage1_learning_rate,
         prompts=prompts,
         weight_decay=config.stage1_weight_decay,
     )
@@ -68,14 +68,14 @@ def recipe_for(config: TrainingConfig) -> Recipe:
         return Recipe(config.method, (embedding_stage,), learns_token=True)
     if config.method == "two_stage":
         # Stage 2 trains the U-Net alone: text encoder and the stage-1 embedding stay frozen, no class images.
-        unet_stage = StagePlan("stage 2 · U-Net " + config.stage2_mode, unet_trainable, config.stage2_steps or 0,
-                               config.stage2_learning_rate or 0.0, prompts)
+        unet_stage = StagePlan("stage 2 · U-Net " + config.stage2_mode, unet_trainable, config.stage2_steps,
+                               config.stage2_learning_rate, prompts)
         return Recipe(config.method, (embedding_stage, unet_stage), learns_token=True)
     dreambooth_stage = StagePlan(
         name="DreamBooth" + (" LoRA" if config.uses_lora else ""),
         trainable=unet_trainable,
-        steps=config.stage2_steps or 0,
-        learning_rate=config.stage2_learning_rate or 0.0,
+        steps=config.stage2_steps,
+        learning_rate=config.stage2_learning_rate,
         prompts=prompts,
         train_text_encoder=config.train_text_encoder,
         prior_preservation=config.prior_preservation,

@@ -8,6 +8,7 @@ run the stages, then write the artifact folder in one atomic rename.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -182,7 +183,7 @@ def generate_class_images(
     report: ProgressCallback | None, started: float,
 ) -> list[Image.Image]:
     """Prior-preservation images from the untouched base model, cached on disk so a second run reuses them."""
-    folder = class_image_cache_dir(base_model, config.class_prompt or "", config.class_images, resolution, config.seed)
+    folder = class_image_cache_dir(base_model, config.class_prompt, config.class_images, resolution, config.seed)
     artifacts.clean_stale_staging(folder.parent)  # a run killed while writing the cache leaves hidden staging folders
     existing = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if len(existing) >= config.class_images:
@@ -288,14 +289,14 @@ def _fit_memory(config: TrainingConfig, recipe: Recipe, comps: Components, place
     if plan.note is None:
         return config
     notes.append(plan.note)
-    return TrainingConfig.from_dict({**config.to_dict(), "gradient_checkpointing": plan.gradient_checkpointing,
-                                     "use_8bit_adam": plan.use_8bit_adam})
+    return dataclasses.replace(config, gradient_checkpointing=plan.gradient_checkpointing,
+                               use_8bit_adam=plan.use_8bit_adam)
 
 
 def _add_unet_lora(unet: UNet2DConditionModel, config: TrainingConfig) -> None:
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                 init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
 
 
@@ -364,7 +365,7 @@ def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
             frozen_conditioning = comps.text_encoder(prompt_ids)[0]
     class_conditioning = None
     if stage.prior_preservation and ctx.class_latents is not None:
-        class_ids = tokenize(comps.tokenizer, [config.class_prompt or ""], device)
+        class_ids = tokenize(comps.tokenizer, [config.class_prompt], device)
         if stage.text_frozen:
             with torch.no_grad():
                 class_conditioning = comps.text_encoder(class_ids)[0]
@@ -478,7 +479,7 @@ def train(
     started = time.perf_counter()
     cancel = cancel or CancelFlag()
     # The base model is fixed first: some defaults (the mini world's prompt templates) depend on it.
-    config = TrainingConfig.from_dict({**config.to_dict(), "base_model": config.base_model or default_base_model()})
+    config = dataclasses.replace(config, base_model=config.base_model or default_base_model())
     config = config.resolved()
     output_dir = Path(output_dir).resolve()
     artifacts.prepare_output_dir(output_dir, overwrite)
@@ -497,7 +498,7 @@ def train(
                                         if im.size != (resolution, resolution) else im
                                         for im in subject_images.images], subject_images.names, subject_images.notes)
     tokenizer = _check_trigger_early(base_path, config)
-    config = TrainingConfig.from_dict({**config.to_dict(), "base_model": base_model, "resolution": resolution})
+    config = dataclasses.replace(config, base_model=base_model, resolution=resolution)
     recipe: Recipe = recipe_for(config)
 
     placement = placement or choose_placement(config.mixed_precision)
@@ -511,8 +512,8 @@ def train(
 
     trigger_id = None
     if recipe.learns_token:
-        trigger_id = add_trigger_token(comps.tokenizer, comps.text_encoder, config.trigger_token or "",
-                                       config.init_word or config.class_noun)
+        trigger_id = add_trigger_token(comps.tokenizer, comps.text_encoder, config.trigger_token,
+                                       config.init_word)
 
     class_latents = None
     if recipe.needs_class_images:
@@ -564,7 +565,7 @@ def train(
 def _check_trigger_early(base_path: str, config: TrainingConfig) -> CLIPTokenizer:
     """Refuse a bad trigger with the tokenizer alone, before minutes of loading the model; return the tokenizer."""
     tokenizer = CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer")
-    check = check_trigger(tokenizer, config.trigger_token or "", allow_existing_word=not config.learns_token)
+    check = check_trigger(tokenizer, config.trigger_token, allow_existing_word=not config.learns_token)
     if not check.ok:
         hint = f" (try '{check.suggestion}')" if check.suggestion else ""
         label = "trigger token" if config.learns_token else "identifier"
@@ -608,9 +609,9 @@ def _write_weights(comps: Components, config: TrainingConfig, recipe: Recipe, tr
     vector = None
     if recipe.learns_token and trigger_id is not None:
         vector = comps.text_encoder.get_input_embeddings().weight[trigger_id]
-        artifacts.save_embedding(folder, config.trigger_token or "", vector)
+        artifacts.save_embedding(folder, config.trigger_token, vector)
     if not config.trains_unet:
-        artifacts.save_webui_copies(folder, config.trigger_token or "", vector, None)
+        artifacts.save_webui_copies(folder, config.trigger_token, vector, None)
         return
     if config.uses_lora:
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -618,9 +619,9 @@ def _write_weights(comps: Components, config: TrainingConfig, recipe: Recipe, tr
 
         unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(comps.unet))
         artifacts.save_lora(folder, unet_layers, comps.unet.peft_config["default"].to_dict())
-        artifacts.save_webui_copies(folder, config.trigger_token or "", vector, unet_layers)
+        artifacts.save_webui_copies(folder, config.trigger_token, vector, unet_layers)
         return
-    artifacts.save_webui_copies(folder, config.trigger_token or "", vector, None)
+    artifacts.save_webui_copies(folder, config.trigger_token, vector, None)
     artifacts.save_unet(folder, comps.unet)
     if config.train_text_encoder:
         artifacts.save_text_encoder(folder, comps.text_encoder)

@@ -1,7 +1,9 @@
+import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from personalization.cli import main
@@ -132,3 +134,184 @@ def test_generate_from_a_private_repo_needs_a_token_the_hub_accepts(tmp_path):
             assert result.returncode == 1 and says in result.stderr, result.stderr
             assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+# ---- train options generated from the config's field metadata ------------------------------------------------------
+def parse_train(*options: str):
+    from personalization.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--images", "photos", "--out", "out", *options])
+    return config_from_args(args)
+
+
+def test_every_config_field_is_reachable_from_the_command_line():
+    """Each field's flag (from its metadata) sets that field: given a value unlike its default, the config has it."""
+    from personalization.config import config_fields
+
+    values = {
+        "class_noun": "teddy bear", "method": "dreambooth", "stage2_mode": "lora", "subject_type": "pet",
+        "base_model": "some/model", "trigger_token": "zwx", "init_word": "bear", "resolution": 256,
+        "prompt_templates": ["a {trigger} {noun}", "one {trigger} {noun}"], "center_crop": False, "flip": True,
+        "stage1_steps": 11, "stage1_learning_rate": 0.25, "stage1_weight_decay": 0.01, "stage2_steps": 12,
+        "stage2_learning_rate": 0.125, "max_batch_size": 2, "snr_gamma": 2.5, "max_grad_norm": 0.5, "lora_rank": 8,
+        "lora_alpha": 4, "prior_preservation": True, "class_images": 7, "class_prompt": "a bear",
+        "prior_loss_weight": 0.5, "train_text_encoder": True, "seed": 3, "mixed_precision": "bf16",
+        "gradient_checkpointing": True, "use_8bit_adam": True, "compile_unet": True,
+        "validation_prompts": ["a zwx teddy bear", "a zwx teddy bear in snow"], "preview_interval": 5,
+        "sample_count": 2, "sample_steps": 9, "guidance_scale": 3.5,
+    }
+    options = []
+    for spec in config_fields():
+        value = values[spec.name]
+        assert value != spec.default, spec.name
+        if spec.kind is bool:
+            options.append(spec.info.flag if value else "--no-" + spec.info.flag[2:])
+        elif spec.kind is list:
+            for item in value:
+                options += [spec.info.flag, item]
+        else:
+            options += [spec.info.flag, str(value)]
+    config = parse_train(*options)
+    assert config.to_dict() == values
+
+
+def test_the_documented_flag_names_keep_working(tmp_path):
+    config = parse_train("--class-noun", "dog", "--method", "dreambooth_lora", "--stage2-lr", "0.001",
+                         "--batch-size", "2", "--trigger", "sks", "--prior-preservation", "--samples", "1",
+                         "--guidance", "3", "--stage2-steps", "40", "--lora-rank", "4", "--validation-prompt", "a dog")
+    assert (config.stage2_learning_rate, config.max_batch_size, config.trigger_token) == (0.001, 2, "sks")
+    assert config.prior_preservation and (config.sample_count, config.guidance_scale) == (1, 3.0)
+    assert config.validation_prompts == ["a dog"] and config.lora_rank == 4
+    # Options override a --config file; one not given keeps the file's value (booleans included).
+    saved = tmp_path / "training_config.json"
+    saved.write_text(json.dumps({"class_noun": "cat", "method": "dreambooth", "prior_preservation": True,
+                                 "snr_gamma": None, "seed": 9}))
+    from_file = parse_train("--config", str(saved), "--seed", "4")
+    assert (from_file.class_noun, from_file.prior_preservation, from_file.snr_gamma, from_file.seed) == (
+        "cat", True, None, 4)
+    assert parse_train("--config", str(saved), "--no-prior-preservation").prior_preservation is False
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 5.0), ("2", 2.0), ("0", None), ("0.0", None),
+                                                 ("none", None), ("None", None)])
+def test_snr_gamma_is_set_or_switched_off(given, expected):
+    options = ["--class-noun", "dog"] + ([] if given is None else ["--snr-gamma", given])
+    assert parse_train(*options).snr_gamma == expected
+
+
+def test_a_bad_snr_gamma_is_one_line(tmp_path):
+    result = run_cli("train", "--images", str(tmp_path), "--class-noun", "dog", "--out", str(tmp_path / "o"),
+                     "--snr-gamma", "-1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: snr_gamma must be greater than 0.0 and at most 100.0, got -1.0"]
+    help_text = run_cli("train", "--help").stdout
+    for flag in ("--snr-gamma", "--flip", "--no-flip", "--prior-loss-weight", "--max-grad-norm", "--stage1-lr",
+                 "--batch-size", "--prompt-template", "--center-crop"):
+        assert flag in help_text, flag
+
+
+def test_generate_and_evaluate_defaults_are_the_generation_defaults():
+    from personalization.cli import build_parser
+    from personalization.config import GENERATION_DEFAULTS
+    from personalization.generation import GenerationRequest
+
+    args = build_parser().parse_args(["generate", "--artifact", "a", "--prompt", "p", "--out", "o.png"])
+    request = GenerationRequest(prompt="p")
+    assert (args.steps, args.guidance, args.lora_scale, args.num_images, args.seed, args.negative_prompt) == (
+        request.steps, request.guidance_scale, request.lora_scale, request.num_images, request.seed,
+        request.negative_prompt)
+    assert (request.steps, request.guidance_scale) == (GENERATION_DEFAULTS.steps, GENERATION_DEFAULTS.guidance_scale)
+    evaluate = build_parser().parse_args(["evaluate", "--artifact", "a", "--references", "r"])
+    assert (evaluate.steps, evaluate.guidance) == (request.steps, request.guidance_scale)
+
+
+# ---- push ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pushable(tiny_base, tmp_path_factory):
+    """A real artifact folder from a one-step training on the tiny model."""
+    from personalization.config import TrainingConfig
+    from personalization.trainer import train
+    from tests.conftest import make_subject_images
+
+    root = tmp_path_factory.mktemp("pushable")
+    config = TrainingConfig(class_noun="box", base_model=str(tiny_base), stage1_steps=1, stage2_steps=1,
+                            sample_count=1, sample_steps=1)
+    return train(config, make_subject_images(root / "subject"), root / "artifact").output_dir
+
+
+def folder_bytes(folder):
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file()}
+
+
+def run_push(hub, home, *options, token=None):
+    import os
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env |= {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "personalization", "push", *options], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_push_an_artifact_private_by_default_then_public(pushable, tmp_path):
+    from tests.fake_hub import FakeHub, make_token
+
+    token = make_token("alice")
+    before = folder_bytes(pushable)
+    outputs = []
+    with FakeHub({token: "alice"}) as hub:
+        # The token from HF_TOKEN; a bare name goes under the token's account.
+        result = run_push(hub, tmp_path, "--artifact", str(pushable), "--repo", "box", token=token)
+        outputs += [result.stdout, result.stderr]
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == f"{hub.endpoint}/alice/box"
+        assert hub.repos["alice/box"].private
+        card = hub.repos["alice/box"].files["README.md"].decode()
+        assert 'pipe.load_textual_inversion("alice/box")' in card and "YOUR_NAME/THIS_REPO" not in card
+        assert hub.repos["alice/box"].files["training_config.json"] == before["training_config.json"]
+        # The token from --token; --public makes the new repo public.
+        result = run_push(hub, tmp_path, "--artifact", str(pushable), "--repo", "alice/box-public", "--public",
+                          "--token", token)
+        outputs += [result.stdout, result.stderr]
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == f"{hub.endpoint}/alice/box-public"
+        assert not hub.repos["alice/box-public"].private
+    assert folder_bytes(pushable) == before  # the local card still has the placeholder: only read, never written
+    assert "YOUR_NAME/THIS_REPO" in before["README.md"].decode()
+    assert not any(token in text for text in outputs)
+    assert not any(token.encode() in content for content in folder_bytes(tmp_path).values())
+    assert not any(token.encode() in content for content in folder_bytes(pushable.parent).values())
+
+
+def test_a_failed_push_is_one_line_and_a_retry_succeeds(pushable, tmp_path):
+    from tests.fake_hub import FakeHub, make_token
+
+    token = make_token("alice")
+    before = folder_bytes(pushable)
+    with FakeHub({token: "alice"}) as hub:
+        hub.fail_next_commits(status=422, message="commit rejected")
+        failed = run_push(hub, tmp_path, "--artifact", str(pushable), "--repo", "flaky", token=token)
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr
+        assert failed.stderr.strip().splitlines() == [
+            "error: push failed: commit rejected; the local result is kept, try again"]
+        assert hub.repos["alice/flaky"].files == {}
+        retried = run_push(hub, tmp_path, "--artifact", str(pushable), "--repo", "flaky", token=token)
+        assert retried.returncode == 0, retried.stderr
+        assert retried.stdout.strip().splitlines()[-1] == f"{hub.endpoint}/alice/flaky"
+        assert hub.repos["alice/flaky"].files["training_config.json"] == before["training_config.json"]
+    assert folder_bytes(pushable) == before
+    for text in (failed.stdout, failed.stderr, retried.stdout, retried.stderr):
+        assert token not in text
+
+
+def test_push_without_a_token_or_folder_is_one_line(pushable, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert main(["push", "--artifact", str(pushable), "--repo", "box"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: A Hugging Face token is needed: pass --token or set HF_TOKEN (a token with write access)."]
+    assert main(["push", "--artifact", str(tmp_path / "missing"), "--repo", "box", "--token", "hf_x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot push") and "does not exist" in err and len(err.strip().splitlines()) == 1

@@ -1,10 +1,23 @@
+import dataclasses
 import json
 import shutil
+import typing
 from pathlib import Path
 
 import pytest
 
-from personalization.config import BUNDLED_MINI_MODEL, METHODS, ConfigError, TrainingConfig, default_trigger
+from personalization.config import (
+    BUNDLED_MINI_MODEL,
+    GENERATION_DEFAULTS,
+    METHODS,
+    ConfigError,
+    FieldInfo,
+    ResolvedConfig,
+    TrainingConfig,
+    config_fields,
+    default_trigger,
+    form_fields,
+)
 from personalization.device import MINI_MODEL_DIR, SD15_HUB_ID
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +98,9 @@ def test_json_round_trip_and_unknown_fields(tmp_path):
     config = TrainingConfig(class_noun="dog", validation_prompts=["a <my-dog> dog"]).resolved()
     path = tmp_path / "training_config.json"
     path.write_text(json.dumps(config.to_dict()))
-    assert TrainingConfig.from_json_file(path) == config
+    assert ResolvedConfig.from_json_file(path) == config
+    assert TrainingConfig.from_json_file(path).resolved() == config
+    assert TrainingConfig.from_json_file(path).to_dict() == config.to_dict()
     path.write_text(json.dumps({"class_noun": "dog", "learning_rate": 1}))
     with pytest.raises(ConfigError, match="unknown config field"):
         TrainingConfig.from_json_file(path)
@@ -151,3 +166,126 @@ def test_a_training_info_without_the_world_marker_is_not_the_mini_world(tmp_path
     (tmp_path / "training_info.json").write_text(json.dumps({"step": 1}))
     by_path, sd = _resolved_pair(str(tmp_path), SD15_HUB_ID, "two_stage")
     assert by_path == sd
+
+
+# ---- the resolved type ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_resolved_is_a_resolved_config_with_every_default_filled(method):
+    resolved = TrainingConfig(class_noun="dog", method=method).resolved()
+    assert type(resolved) is ResolvedConfig and isinstance(resolved, TrainingConfig)
+    hints = typing.get_type_hints(ResolvedConfig)
+    for name in ResolvedConfig.__annotations__:  # the fields resolved() fills: none Optional, none None
+        assert type(None) not in typing.get_args(hints[name]), name
+        assert getattr(resolved, name) is not None, name
+    assert typing.get_args(hints["method"]) == METHODS and set(typing.get_args(hints["stage2_mode"])) == {"full",
+                                                                                                         "lora"}
+    # A changed copy keeps the type (and the filled values); resolving again changes nothing.
+    changed = dataclasses.replace(resolved, seed=7)
+    assert type(changed) is ResolvedConfig and changed.seed == 7 and changed.resolved() == changed
+    assert resolved.resolved() == resolved
+
+
+def test_a_resolved_config_cannot_be_built_with_a_gap():
+    values = TrainingConfig(class_noun="dog").resolved().to_dict()
+    with pytest.raises(ConfigError, match="a resolved config needs trigger_token"):
+        ResolvedConfig(**{**values, "trigger_token": None})
+    del values["stage1_steps"]
+    with pytest.raises(TypeError, match="stage1_steps"):
+        ResolvedConfig(**values)
+
+
+def test_an_older_training_config_json_still_loads(tmp_path):
+    """A file written before a field existed loads with that field's default, as either type."""
+    saved = TrainingConfig(class_noun="dog", method="dreambooth").resolved().to_dict()
+    for newer in ("compile_unet", "stage1_weight_decay", "center_crop"):
+        del saved[newer]
+    path = tmp_path / "training_config.json"
+    path.write_text(json.dumps(saved))
+    old = ResolvedConfig.from_json_file(path)
+    assert type(old) is ResolvedConfig and old.compile_unet is False and old.stage2_steps == 800
+    assert TrainingConfig.from_json_file(path).resolved() == old
+
+
+# What training_config.json holds for a default run (trainer.write_json: sorted keys, indent 2). Changing a field's
+# name, default or derivation changes saved files; this says so on purpose.
+SAVED_DEFAULT_TWO_STAGE = {
+    "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "center_crop": True, "class_images": 100,
+    "class_noun": "dog", "class_prompt": "a photo of a dog", "compile_unet": False, "flip": False,
+    "gradient_checkpointing": False, "guidance_scale": 5.0, "init_word": "dog", "lora_alpha": 16, "lora_rank": 16,
+    "max_batch_size": 4, "max_grad_norm": 1.0, "method": "two_stage", "mixed_precision": "auto",
+    "preview_interval": 0, "prior_loss_weight": 1.0, "prior_preservation": False,
+    "prompt_templates": [
+        "a photo of a {trigger} {noun}", "a rendering of a {trigger} {noun}",
+        "a cropped photo of the {trigger} {noun}", "the photo of a {trigger} {noun}",
+        "a close-up photo of a {trigger} {noun}", "a bright photo of the {trigger} {noun}",
+        "a good photo of a {trigger} {noun}", "a photo of one {trigger} {noun}",
+    ],
+    "resolution": 512, "sample_count": 4, "sample_steps": 25, "seed": 0, "snr_gamma": 5.0,
+    "stage1_learning_rate": 0.005, "stage1_steps": 400, "stage1_weight_decay": 0.0, "stage2_learning_rate": 0.0001,
+    "stage2_mode": "lora", "stage2_steps": 300, "subject_type": "object", "train_text_encoder": False,
+    "trigger_token": "<my-dog>", "use_8bit_adam": False, "validation_prompts": [],
+}
+
+
+def test_the_saved_config_of_a_default_run_is_unchanged():
+    config = TrainingConfig(class_noun="Dog", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                            resolution=512).resolved()
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+    assert text == json.dumps(SAVED_DEFAULT_TWO_STAGE, indent=2, sort_keys=True)
+
+
+# ---- field metadata ------------------------------------------------------------------------------------------------
+def test_every_field_says_how_it_is_shown_and_set():
+    fields = config_fields()
+    assert [spec.name for spec in fields] == [f.name for f in dataclasses.fields(TrainingConfig)]
+    flags = [spec.info.flag for spec in fields]
+    assert all(isinstance(spec.info, FieldInfo) and spec.info.label for spec in fields)
+    assert all(flag and flag.startswith("--") for flag in flags) and len(set(flags)) == len(flags)
+    by_name = {spec.name: spec for spec in fields}
+    assert by_name["stage1_learning_rate"].info.flag == "--stage1-lr"
+    assert by_name["max_batch_size"].info.flag == "--batch-size"
+    assert by_name["method"].choices == METHODS and by_name["stage2_mode"].optional
+    assert by_name["snr_gamma"].info.none_is_off and by_name["snr_gamma"].default == 5.0
+    assert by_name["stage1_steps"].kind is int and by_name["guidance_scale"].kind is float
+    assert by_name["validation_prompts"].kind is list and by_name["validation_prompts"].default == []
+
+
+def test_the_form_fields_are_the_apps_hyperparameters():
+    assert [spec.name for spec in form_fields()] == [
+        "stage1_steps", "stage1_learning_rate", "stage2_steps", "stage2_learning_rate", "max_batch_size", "lora_rank",
+        "prior_preservation", "class_images", "train_text_encoder", "seed", "gradient_checkpointing",
+        "use_8bit_adam", "compile_unet", "preview_interval",
+    ]
+    labels = {spec.name: spec.info.label for spec in form_fields()}
+    assert labels["stage1_steps"] == "Stage 1 / TI steps" and labels["max_batch_size"] == "Images per step"
+
+
+def test_form_values_are_coerced_to_the_fields_types():
+    by_name = {spec.name: spec for spec in config_fields()}
+    assert by_name["stage1_steps"].coerce(400.0) == 400 and type(by_name["stage1_steps"].coerce(400.0)) is int
+    assert by_name["stage1_steps"].coerce(None) is None and by_name["stage1_steps"].coerce("") is None
+    assert type(by_name["stage2_learning_rate"].coerce(1)) is float
+    assert by_name["prior_preservation"].coerce(1) is True
+    values = {spec.name: spec.coerce(spec.default) for spec in form_fields()}
+    assert TrainingConfig(class_noun="dog", **values).validate().max_batch_size == 4
+
+
+BOUNDED = [spec for spec in config_fields() if spec.info.minimum is not None]
+
+
+@pytest.mark.parametrize("spec", BOUNDED, ids=[spec.name for spec in BOUNDED])
+def test_the_bounds_in_the_metadata_are_what_validate_checks(spec):
+    low, high = spec.info.minimum, spec.info.maximum
+    step = 1 if spec.kind is int else 1e-6
+    too_low = low if spec.info.above_minimum else low - step
+    for value in (too_low, high + step):
+        with pytest.raises(ConfigError, match=spec.name):
+            TrainingConfig(class_noun="dog", **{spec.name: spec.kind(value)}).validate()
+    ok = high if spec.name != "resolution" else 2048
+    TrainingConfig(class_noun="dog", **{spec.name: spec.kind(ok)}).validate()
+
+
+def test_sample_images_use_the_generation_defaults():
+    config = TrainingConfig(class_noun="dog")
+    assert (config.sample_steps, config.guidance_scale) == (GENERATION_DEFAULTS.steps,
+                                                           GENERATION_DEFAULTS.guidance_scale) == (25, 5.0)

@@ -133,3 +133,20 @@ def test_webui_copies_load_and_match(trained, tiny_base):
         return np.asarray(pipe("a photo of a box", num_inference_steps=3, generator=generator).images[0])
 
     assert np.array_equal(render("my-box_lora_kohya.safetensors"), render("pytorch_lora_weights.safetensors"))
+
+
+def test_request_defaults_and_limits_are_the_generation_defaults():
+    from personalization.config import GENERATION_DEFAULTS as defaults
+
+    request = GenerationRequest(prompt="a box")
+    assert (request.steps, request.guidance_scale, request.lora_scale, request.num_images, request.seed,
+            request.negative_prompt) == (defaults.steps, defaults.guidance_scale, defaults.lora_scale,
+                                         defaults.num_images, defaults.seed, defaults.negative_prompt)
+    GenerationRequest(prompt="a box", steps=defaults.max_steps, guidance_scale=defaults.max_guidance_scale,
+                      lora_scale=defaults.max_lora_scale, num_images=defaults.max_num_images).validate()
+    for too_much, message in (({"steps": defaults.max_steps + 1}, "steps must be between 1 and 200"),
+                              ({"guidance_scale": defaults.max_guidance_scale + 1}, "guidance_scale must be"),
+                              ({"lora_scale": defaults.max_lora_scale + 0.5}, "lora_scale must be between 0 and 2,"),
+                              ({"num_images": defaults.max_num_images + 1}, "num_images must be between 1 and 8")):
+        with pytest.raises(ValueError, match=message):
+            GenerationRequest(prompt="a box", **too_much).validate()
