@@ -21,8 +21,8 @@ from pathlib import Path
 
 from .artifacts import ArtifactError, ArtifactInfo, clean_stale_staging, process_alive, read_artifact
 from .config import ConfigError, TrainingConfig, is_mini_world_model
-from .device import SD15_UNET_PARAMETERS, plan_memory
-from .images import ImageError, SubjectImages
+from .device import SD15_HUB_ID, SD15_UNET_PARAMETERS, plan_memory
+from .images import ImageError, SubjectImages, sort_subject_images
 from .progress import CancelFlag, ProgressEvent, TrainingCancelled
 from .tokens import TriggerError
 
@@ -289,3 +289,42 @@ def _newest_mtime(folder: Path) -> float:
         except OSError:
             continue
     return newest
+
+
+# ---- starting a run from a front end ---------------------------------------------------------------------------------
+# Native sizes of bases whose configs may not be readable here (no network): read nothing for them.
+KNOWN_RESOLUTIONS = {SD15_HUB_ID: 512}
+# ZeroGPU runs each call on an H200 slice and allows at most 25 minutes per call.
+ZERO_GPU_CARD = "NVIDIA H200"
+ZERO_GPU_MAX_SECONDS = 1500
+
+
+def training_resolution(base_model: str) -> int:
+    """The resolution a base model trains at: its native size, read from its configs (no weights loaded)."""
+    if base_model in KNOWN_RESOLUTIONS:
+        return KNOWN_RESOLUTIONS[base_model]
+    from .device import resolve_base_model_path
+    from .trainer import default_resolution
+
+    try:
+        return default_resolution(resolve_base_model_path(base_model))
+    except Exception:  # an id that cannot be read offline: SD-1.x's size is the safe guess
+        return 512
+
+
+def subject_at(resolution: int, prepared: SubjectImages | None, prepared_at: int | None,
+               files: list[Path]) -> SubjectImages:
+    """The subject images at `resolution`: those prepared at upload, or the same files prepared again when the
+    base model (and so the resolution) changed since. Raises ImageError when none can be used."""
+    if prepared is not None and prepared_at == resolution and len(prepared):
+        return prepared
+    kept, _refused = sort_subject_images(files, resolution)
+    if not len(kept):
+        raise ImageError(f"none of the uploaded images can be used at {resolution} px")
+    return kept
+
+
+def zero_gpu_seconds(config: TrainingConfig, base_model: str) -> int:
+    """GPU time to ask ZeroGPU for: the estimate plus half again and 30 s, within what ZeroGPU allows."""
+    estimate = estimate_seconds(config, ZERO_GPU_CARD, base_model)
+    return int(min(max(60, estimate * 1.5 + 30), ZERO_GPU_MAX_SECONDS))

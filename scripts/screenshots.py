@@ -44,10 +44,9 @@ def serve(base: str, scratch: Path) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app.WORK_ROOT = scratch / "sessions"
     hub.push_artifact = push_here
     services = app.Services(default_base=base, generator=Generator(torch.device("cpu"), torch.float32),
-                            hardware=choose_placement(device="cpu").describe())
+                            hardware=choose_placement(device="cpu").describe(), work_root=scratch / "sessions")
     demo = app.build_app(services)
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH_OPTIONS)

@@ -62,9 +62,8 @@ def running_app(base: Path, root: Path) -> Iterator[Served]:
         patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root / "hub-cache"))
         patch.delenv("HF_TOKEN", raising=False)
         patch.setenv("HF_ENDPOINT", fake.endpoint)  # personalization.hub reads it at call time
-        patch.setattr(app, "WORK_ROOT", root / "sessions")
         services = app.Services(default_base=str(base), generator=Generator(torch.device("cpu"), torch.float32),
-                                hardware="CPU (test)")
+                                hardware="CPU (test)", work_root=root / "sessions")
         demo = app.build_app(services)
         demo.queue()
         port = free_port()

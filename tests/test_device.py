@@ -106,8 +106,8 @@ def test_other_folders_and_hub_ids_are_not_the_mini_model(tiny_base):
 
 # ---- base model names from hostile or unusual input -------------------------------------------------------------
 # resolve_base_model_path turns a name into what from_pretrained loads; it is not a gatekeeper (the CLI takes any
-# folder; the app refuses paths before they get here, see app.Services.checked_base). portable_base_model is what a
-# run records: Hub ids as they are, local folders by their name only, never a path.
+# folder; the app refuses paths before they get here, see ui.services.Services.checked_base).
+# portable_base_model is what a run records: Hub ids as they are, local folders by their name only, never a path.
 
 
 @pytest.fixture

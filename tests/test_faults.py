@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 
 from personalization import artifacts
 
@@ -40,7 +42,9 @@ def dead_pid() -> int:
 
 
 # ---- the final write: kills and SIGTERM at each phase of atomic_output_dir -------------------------------------------
-EARLIER = {"training_config.json": b'{"run": "earlier"}\n', "learned_embeds.safetensors": bytes(range(256))}
+# A real (tiny) embeddings file: the reader opens it and refuses a damaged one.
+EARLIER = {"training_config.json": b'{"run": "earlier"}\n',
+           "learned_embeds.safetensors": safetensors.torch.save({"<earlier>": torch.zeros(1, 4)})}
 NEW = {"training_config.json": b'{"run": "new"}\n', "marker.bin": b"new result\n", "samples/sample_0.png": b"png"}
 
 # The child enters atomic_output_dir for an --out that holds the earlier result and signals itself at one phase:

@@ -1,0 +1,110 @@
+"""What the tabs share: the server's services (base model choice, generator, GPU lock, session folders) and one
+browser session's state."""
+
+from __future__ import annotations
+
+import functools
+import html
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from personalization.device import BUNDLED_MINI_MODEL, SD15_HUB_ID
+from personalization.generation import Generator
+from personalization.images import SubjectImages
+from personalization.jobs import SessionCleaner, TrainingJob, Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+ON_SPACE = bool(os.environ.get("SPACE_ID"))
+ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
+
+
+def default_work_root() -> Path:
+    return Path(os.environ.get("PERSONALIZATION_WORKDIR", Path(tempfile.gettempdir()) / "personalization-sessions"))
+
+
+@dataclass
+class Session:
+    """One browser session: its workspace, the images it prepared, its running job and the Hub folders it loaded."""
+
+    workspace: Workspace
+    subject: SubjectImages | None = None
+    resolution: int | None = None
+    subject_files: list[Path] = field(default_factory=list)
+    job: TrainingJob | None = None
+    hub_folders: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Services:
+    """What the tabs share: the base model choice, the generator (one base in memory), the hardware name, the GPU
+    lock and the root of the session folders."""
+
+    default_base: str
+    generator: Generator
+    hardware: str
+    work_root: Path = field(default_factory=default_work_root)
+    gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+    # A Space runs for weeks: idle session folders go as new sessions arrive, not only at start.
+    cleaner: SessionCleaner = field(default_factory=lambda: SessionCleaner(max_age_hours=24.0, interval_s=600.0))
+
+    @property
+    def base_choices(self) -> list[str]:
+        return list(dict.fromkeys([self.default_base, os.environ.get("BASE_MODEL") or self.default_base,
+                                   SD15_HUB_ID, BUNDLED_MINI_MODEL]))
+
+    def checked_base(self, base_model: str | None) -> str:
+        """The base model a client asked for, if this server offers it.
+
+        Clients can send any string: a server path would train on (or reveal) the server's files, an arbitrary Hub id
+        would download gigabytes. Other Hub ids are accepted only where the operator sets ALLOW_ANY_BASE_MODEL=1.
+        """
+        base = (base_model or "").strip() or self.default_base
+        if base in self.base_choices:
+            return base
+        is_hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~")) and ".." not in base
+        if is_hub_id and os.environ.get("ALLOW_ANY_BASE_MODEL") == "1":
+            return base
+        raise ValueError(f"base model '{base[:80]}' is not offered here (choose one from the list)")
+
+    def session(self, session: Session | None) -> Session:
+        """The browser session's state, created (with its own folder) on its first call."""
+        if session is not None:
+            return session
+        self.cleaner.maybe_clean(self.work_root)
+        return Session(Workspace(self.work_root))
+
+    def tokenizer(self):
+        return bundled_tokenizer()
+
+
+@functools.cache
+def bundled_tokenizer():
+    """Read once: the trigger check runs on every keystroke. The bundled tokenizer is CLIP's (SD-1.x's too), so
+    checks need no download."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(ROOT / "personalization" / "assets" / "clip_tokenizer")
+
+
+def hardware_name() -> str:
+    from personalization.device import choose_placement
+
+    return choose_placement().describe()
+
+
+def for_display(image: Image.Image, minimum: int = 256) -> Image.Image:
+    """Small model outputs (the mini model draws 32 px) blown up with hard pixel edges, so they can be seen."""
+    if image.width >= minimum:
+        return image
+    factor = -(-minimum // image.width)
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def warning(error: BaseException | str) -> str:
+    """A message for a Markdown status line: the first line of `error`, escaped."""
+    return f"⚠️ {html.escape(str(error).strip().splitlines()[0] if str(error).strip() else 'failed', quote=False)}"

@@ -1,0 +1,133 @@
+"""A training started from the Train tab: the form read into a config, the wait for the GPU (where Cancel can still
+stop it), the streamed progress, and the sentence that ends it. The engine (`personalization.jobs`) runs it."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from personalization.artifacts import read_artifact
+from personalization.config import ConfigError, ResolvedConfig, TrainingConfig, form_fields
+from personalization.images import ImageError
+from personalization.jobs import TrainingJob, describe_failure, subject_at, training_resolution
+from personalization.progress import CancelFlag, ProgressEvent, format_seconds
+from ui.services import Services, Session, for_display
+
+Update = tuple[str, Any, str]  # the Train tab's status, preview image and result message
+INVALID = (ConfigError, ImageError, ValueError, TypeError)
+
+
+def progress_html(event: ProgressEvent | None, message: str = "") -> str:
+    if event is None:
+        return f"<div class='run-status'>{html.escape(message)}</div>"
+    loss = "" if event.loss is None else f" · loss {event.loss:.4f}"
+    eta = "" if event.eta_s is None else f" · ETA {format_seconds(event.eta_s)}"
+    return (f"<div class='run-status'><div class='bar'><div style='width:{100 * event.fraction:.1f}%'></div></div>"
+            f"<b>{html.escape(event.stage)}</b> step {event.stage_step}/{event.stage_total}{loss}{eta} · "
+            f"elapsed {format_seconds(event.elapsed_s)} · total {event.step}/{event.total_steps}</div>")
+
+
+def form_to_config(values: dict[str, Any], resolution: int | None) -> ResolvedConfig:
+    """The validated config a form (or a `/train` call, by field name) describes; raises ConfigError naming the
+    field. An empty box takes the method's default."""
+    settings = {spec.name: spec.coerce(values[spec.name]) for spec in form_fields() if spec.name in values}
+    settings = {name: value for name, value in settings.items() if value is not None}
+    return TrainingConfig(
+        class_noun=(values.get("class_noun") or "").strip(), method=values["method"],
+        stage2_mode=values.get("stage2_mode"), subject_type=values["subject_type"], base_model=values["base_model"],
+        trigger_token=(values.get("trigger") or "").strip() or None, resolution=resolution, **settings,
+    ).resolved()
+
+
+def trained_message(job: TrainingJob, method_label: str) -> str:
+    info = read_artifact(job.output_dir)
+    seconds = job.result.seconds_training if job.result is not None else 0.0
+    message = (f"✅ Trained **{method_label}** in {format_seconds(seconds)}. "
+               f"Use **`{info.instance_prompt}`** in your prompts.\n\nSaved as run `{job.output_dir.name}` — "
+               "open the Generate tab to try it, the Hub tab to push it.")
+    notes = [note for note in job.result.notes if note not in job.subject_images.notes] if job.result else []
+    if notes:  # the upload's own notes were shown on the Upload tab
+        message += "\n\n" + "\n".join(f"- note: {note}" for note in notes)
+    return message
+
+
+class TrainingRuns:
+    """Starts, follows and cancels the trainings of the app's sessions, one per GPU at a time."""
+
+    def __init__(self, services: Services, method_labels: dict[str, str]) -> None:
+        self.services, self.method_labels = services, method_labels
+
+    def start(self, session: Session | None, values: dict[str, Any]) -> Iterator[Update]:
+        """The session is changed in place and not returned: under ZeroGPU this runs in a forked worker whose
+        results are pickled back, and a session holding a running job cannot be pickled."""
+        if session is None or session.subject is None or not len(session.subject):
+            yield progress_html(None, "Upload subject images first (Upload tab)."), None, ""
+            return
+        if session.job is not None and session.job.state != "ended":
+            yield progress_html(None, "A training is already running in this session."), None, ""
+            return
+        try:
+            job = self.new_job(session, values)
+        except INVALID as error:
+            yield progress_html(None, f"Invalid settings: {error}"), None, ""
+            return
+        with session.workspace.in_use():
+            yield from self.run_when_gpu_free(job)
+        job.cancel_flag.reset()
+        if not job.started:  # cancelled while waiting for the GPU
+            yield progress_html(None, "Cancelled before it started; nothing was trained or written."), None, ""
+        elif job.error is not None:
+            yield progress_html(None, describe_failure(job.error)), None, ""
+        else:
+            yield progress_html(None, "Done."), gr.skip(), trained_message(job, self.method_labels[job.config.method])
+
+    def new_job(self, session: Session, values: dict[str, Any]) -> TrainingJob:
+        base = self.services.checked_base(values.get("base_model"))
+        resolution = training_resolution(base)
+        subject = subject_at(resolution, session.subject, session.resolution, session.subject_files)
+        session.subject, session.resolution = subject, resolution
+        config = form_to_config({**values, "base_model": base}, resolution)
+        cancel_flag = CancelFlag(session.workspace.cancel_file)
+        cancel_flag.reset()
+        output = session.workspace.new_run_dir(f"{config.method}-{config.class_noun}")
+        session.job = TrainingJob(config, subject, output, cancel_flag=cancel_flag)  # Cancel sees it from now on
+        return session.job
+
+    def run_when_gpu_free(self, job: TrainingJob) -> Iterator[Update]:
+        """One training per GPU: wait for it here, where Cancel can still stop the run before it starts."""
+        lock = self.services.gpu_lock
+        while not lock.acquire(timeout=0.5):
+            if job.cancel_flag.cancelled:
+                return
+            yield progress_html(None, "Waiting for the GPU: another training is running…"), None, ""
+        try:
+            if job.cancel_flag.cancelled:
+                return
+            yield progress_html(None, "Loading the base model…"), None, ""
+            job.start()
+            try:
+                for event in job.events():
+                    yield progress_html(event), gr.skip() if event.preview is None else for_display(event.preview), ""
+            finally:
+                if job.state == "running":  # a closed browser tab closes this generator: stop before unlocking
+                    job.cancel()
+                job.wait()
+        finally:
+            lock.release()
+
+    def cancel(self, session: Session | None) -> str:
+        job = session.job if session is not None else None
+        if (job is None or job.state == "ended") and session is not None and session.workspace.busy:
+            # The run lives in another process (ZeroGPU's worker), which watches the session's cancel file.
+            CancelFlag(session.workspace.cancel_file).cancel()
+            return progress_html(None, "Cancelling… (stops at the next step; nothing will be written)")
+        if job is None or job.state == "ended":
+            return progress_html(None, "Nothing is running or waiting in this session.")
+        waiting = job.state == "waiting"
+        job.cancel()  # also touches the session's cancel file, which a ZeroGPU worker sees
+        if waiting:
+            return progress_html(None, "Cancelled before it started; nothing was trained or written.")
+        return progress_html(None, "Cancelling… (stops at the next step; nothing will be written)")
