@@ -247,6 +247,32 @@ def test_a_private_repo_one_session_loaded_is_not_served_to_another(
     assert_no_token(capfd.readouterr())
 
 
+@pytest.mark.parametrize("recorded", ["/etc", "../../x", "someone/huge-model"])
+def test_a_downloaded_artifact_may_not_choose_the_base_model(
+    trained: Trained, served: Served, capfd: pytest.CaptureFixture[str], recorded: str
+) -> None:
+    """A Hub repo's training_config.json names any base model it likes; the server loads only one it offers."""
+    import json
+
+    from gradio_client.exceptions import AppError
+
+    run = next(p for p in served.run_folders() if p.name == trained.run)
+    files = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    config = json.loads(files["training_config.json"]) | {"base_model": recorded}
+    files["training_config.json"] = json.dumps(config).encode()
+    repo = f"bob/greedy-{len(served.hub.repos)}"  # the fake's commit ids repeat: a fresh name, a fresh snapshot
+    served.hub.add_repo(repo, files)
+    client = served.client()
+    message, _ = client.predict(repo, "", api_name="/load_from_hub")
+    assert message == f"Loaded `{repo}`."
+    loads = served.hub.requests.copy()
+    with pytest.raises(AppError, match=rf"^base model '{re.escape(recorded)}' is not offered here"):
+        client.predict(f"hub:{repo}", **{**GENERATE, "prompt_text": "a photo"}, base_model=str(served.base),
+                       api_name="/generate")
+    assert served.hub.requests == loads  # nothing was fetched for it
+    assert "Traceback" not in "".join(capfd.readouterr())
+
+
 def test_generate_refuses_a_local_base_it_cannot_find(trained: Trained) -> None:
     from gradio_client.exceptions import AppError
 
