@@ -68,28 +68,54 @@ def hardware_key(device_name: str, base_model: str) -> str:
     return "a10g"
 
 
-def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) -> float:
-    """Rough wall time of a run (load, class images, stages, samples) from per-step costs."""
+@dataclass(frozen=True)
+class RunEstimate:
+    """Where a run's time goes, in seconds: loading, class images, a step of each kind of stage, the samples."""
+
+    load_s: float
+    class_images_s: float
+    embedding_step_s: float  # a trigger-embedding step (textual inversion, two-stage stage 1)
+    unet_step_s: float  # a U-Net step (two-stage stage 2, DreamBooth), with the class batch when there is one
+    stage1_steps: int
+    stage2_steps: int
+    samples_s: float
+
+    @property
+    def total_s(self) -> float:
+        return (self.load_s + self.class_images_s + self.stage1_steps * self.embedding_step_s
+                + self.stage2_steps * self.unet_step_s + self.samples_s)
+
+    def step_s(self, trains_embedding: bool) -> float:
+        return self.embedding_step_s if trains_embedding else self.unet_step_s
+
+
+def estimate_run(config: TrainingConfig, device_name: str, base_model: str) -> RunEstimate:
+    """The parts of a run's wall time, from per-step costs (see :data:`STEP_SECONDS`)."""
     config = config.resolved()
     key = hardware_key(device_name, base_model)
     embed, full, lora, image = STEP_SECONDS[key]
     unet_step = lora if config.uses_lora else full
-    load = MODEL_LOAD_SECONDS.get(key, DEFAULT_LOAD_SECONDS)
-    seconds = config.stage1_steps * embed
-    stage2 = config.stage2_steps * unet_step
     plan = plan_memory(int(SD15_UNET_PARAMETERS), CARD_BYTES.get(key), full_unet=not config.uses_lora,
                        gradient_checkpointing=config.gradient_checkpointing, use_8bit_adam=config.use_8bit_adam,
                        bitsandbytes_available=True)
     if plan.gradient_checkpointing:
-        stage2 *= CHECKPOINTING_SLOWDOWN.get(key, DEFAULT_CHECKPOINTING_SLOWDOWN)
+        unet_step *= CHECKPOINTING_SLOWDOWN.get(key, DEFAULT_CHECKPOINTING_SLOWDOWN)
     if config.prior_preservation:
-        stage2 *= 1.6  # instance + class batch
-        seconds += config.class_images * image
-    seconds += stage2 + config.sample_count * image
-    if key != "cpu-mini" and config.resolution:
-        # Steps scale with pixels; SD-1.5's own 512 px is the reference (other bases on a CPU are costed as SD-1.5).
-        seconds *= (config.resolution / 512) ** 2
-    return load + seconds
+        unet_step *= 1.6  # instance + class batch
+    # Steps scale with pixels; SD-1.5's own 512 px is the reference (other bases on a CPU are costed as SD-1.5).
+    scale = (config.resolution / 512) ** 2 if key != "cpu-mini" and config.resolution else 1.0
+    return RunEstimate(
+        load_s=MODEL_LOAD_SECONDS.get(key, DEFAULT_LOAD_SECONDS),
+        class_images_s=config.class_images * image * scale if config.prior_preservation else 0.0,
+        embedding_step_s=embed * scale, unet_step_s=unet_step * scale,
+        stage1_steps=config.stage1_steps, stage2_steps=config.stage2_steps,
+        samples_s=config.sample_count * image * scale,
+    )
+
+
+def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) -> float:
+    """Rough wall time of a run (load, class images, stages, samples) from per-step costs."""
+    return estimate_run(config, device_name, base_model).total_s
 
 
 def describe_failure(error: BaseException) -> str:
