@@ -417,3 +417,16 @@ def test_checked_base_refuses_paths_even_when_any_hub_id_is_allowed(monkeypatch:
     for path in ("/etc", "../secrets", "~/x", "a/../../b"):
         with pytest.raises(ValueError, match="not offered here"):
             services.checked_base(path)
+
+
+def test_own_photos_on_the_mini_model_are_told_what_the_demo_is(tmp_path: Path) -> None:
+    from personalization.jobs import Workspace
+    from ui.services import Session
+    from ui.upload_tab import MINI_WORLD_NOTE, prepare_images
+
+    photos = [str(p) for p in sorted(make_subject_images(tmp_path / "photos", count=3, size=64).glob("*.png"))]
+    session = Session(Workspace(tmp_path / "sessions"))
+    _, message = prepare_images(photos, "bundled:mini-shapes", session)
+    assert "3 image(s) ready" in message and MINI_WORLD_NOTE in message
+    _, message = prepare_images(photos, "bundled:mini-shapes", session, own_photos=False)  # an example subject
+    assert MINI_WORLD_NOTE not in message

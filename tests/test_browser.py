@@ -154,3 +154,25 @@ def test_click_through_upload_train_generate_and_push(
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         for name in ("upload", "train", "generate", "hub"):
             shutil.copyfile(shots / f"{name}.png", SCREENSHOTS / f"{name}.png")
+
+
+def test_an_example_thumbnail_loads_its_subject_in_one_click(browser_app: Served, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            viewport=VIEWPORT, device_scale_factor=1,
+        )
+        try:
+            context.set_default_timeout(TIMEOUT_MS)
+            page = context.pages[0] if context.pages else context.new_page()
+            page.goto(browser_app.url)
+            thumbnails = page.locator("#example-gallery button img")
+            expect(thumbnails).to_have_count(4)
+            thumbnails.first.click()
+            expect(page.locator("#upload-status")).to_contain_text("5 image(s) ready")
+            expect(page.locator("#prepared-gallery img")).to_have_count(5)
+            expect(page.locator("#class-noun textarea, #class-noun input").first).to_have_value("heart")
+        finally:
+            context.close()
