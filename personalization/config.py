@@ -11,16 +11,18 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
 
-Method = Literal["two_stage", "textual_inversion", "dreambooth", "dreambooth_lora"]
+from .methods import DEFAULT_METHOD, OPTIONS, Method, MethodSpec, method_keys, method_spec
+from .methods import METHODS as METHODS  # re-exported: the registered methods, in order
+
 Stage2Mode = Literal["full", "lora"]
 SubjectType = Literal["object", "pet", "person", "style"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 
-METHODS: tuple[str, ...] = typing.get_args(Method)
 STAGE2_MODES: tuple[str, ...] = typing.get_args(Stage2Mode)
 SUBJECT_TYPES: tuple[str, ...] = typing.get_args(SubjectType)
 MIXED_PRECISIONS: tuple[str, ...] = typing.get_args(MixedPrecision)
@@ -47,16 +49,8 @@ GENERATION_DEFAULTS = GenerationDefaults()
 
 MAX_SUBJECT_IMAGES = 50
 
-# Starting points from common practice (docs/measurements.md#starting-hyperparameters); the benchmarks decide the final
-# ones.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "two_stage": {"stage1_steps": 400, "stage1_learning_rate": 5e-3, "stage2_steps": 300, "stage2_learning_rate": None},
-    "textual_inversion": {"stage1_steps": 3000, "stage1_learning_rate": 5e-4, "stage2_steps": 0,
-                          "stage2_learning_rate": 0.0},
-    "dreambooth": {"stage1_steps": 0, "stage1_learning_rate": 0.0, "stage2_steps": 800, "stage2_learning_rate": 5e-6},
-    "dreambooth_lora": {"stage1_steps": 0, "stage1_learning_rate": 0.0, "stage2_steps": 800,
-                        "stage2_learning_rate": 1e-4},
-}
+# Starting points from common practice (docs/measurements.md#starting-hyperparameters), as each method's defaults
+# (methods.MethodDefaults) are; the benchmarks decide the final ones.
 STAGE2_LEARNING_RATES: dict[str, float] = {"full": 2e-6, "lora": 1e-4}
 MINI_WORLD_UNET_LEARNING_RATES: dict[str, float] = {"full": 1e-4, "lora": 1e-3}
 
@@ -128,7 +122,9 @@ class FieldInfo:
     ``flag``: the CLI option, or None for none. ``form``: shown in the app's hyperparameter form.
     ``minimum``/``maximum``: bounds :meth:`TrainingConfig.validate` checks (``above_minimum``: the minimum itself
     is refused); a form gives them to its widget. ``none_is_off``: None switches the feature off (rather than
-    "the method's default"); the CLI takes 0 or ``none`` for it.
+    "the method's default"); the CLI takes 0 or ``none`` for it. ``choices``: where the values of a Literal-typed
+    field come from when a registry holds them (the method: :func:`personalization.methods.method_keys`), so that
+    validation and the CLI offer what is registered; otherwise the Literal's values.
     """
 
     label: str
@@ -139,6 +135,7 @@ class FieldInfo:
     maximum: float | None = None
     above_minimum: bool = False
     none_is_off: bool = False
+    choices: Callable[[], tuple[str, ...]] | None = None
 
 
 _DERIVED = "default: from the method and the subject type"
@@ -152,7 +149,8 @@ class TrainingConfig:
 
     class_noun: str = field(metadata={"info": FieldInfo(
         "Class noun", "what the subject is, e.g. dog, backpack, star", "--class-noun")})
-    method: Method = field(default="two_stage", metadata={"info": FieldInfo("Method", "what is trained", "--method")})
+    method: Method = field(default=DEFAULT_METHOD, metadata={"info": FieldInfo(
+        "Method", "what is trained", "--method", choices=method_keys)})
     stage2_mode: Stage2Mode | None = field(default=None, metadata={"info": FieldInfo(
         "Stage 2: LoRA or full U-Net", "two_stage U-Net training: full or lora (default: lora; full on the mini "
         "model)", "--stage2-mode")})
@@ -287,21 +285,10 @@ class TrainingConfig:
         prompts = self.validation_prompts
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise ConfigError("validation_prompts must be a list of strings")
-        if self.prior_preservation and self.method not in ("dreambooth", "dreambooth_lora"):
-            raise ConfigError(
-                f"prior_preservation is a DreamBooth option; method {self.method!r} trains without class images"
-            )
-        if self.train_text_encoder and self.method not in ("dreambooth", "dreambooth_lora"):
-            raise ConfigError(
-                f"train_text_encoder is a DreamBooth option; method {self.method!r} keeps the text encoder frozen"
-            )
-        if self.train_text_encoder and self.method == "dreambooth_lora":
-            # transformers 5 loads text-encoder LoRA only with peft >= 0.22, which is not released for these pins:
-            # a pushed text-encoder LoRA would not load in plain diffusers.
-            raise ConfigError(
-                "train_text_encoder is not available with dreambooth_lora (text-encoder LoRA would not load in "
-                "diffusers with peft 0.21); use method 'dreambooth' to train the text encoder"
-            )
+        for option in OPTIONS:  # the options only some methods take: the method's spec says which
+            refusal = self.method_spec.refusal(option) if getattr(self, option) else None
+            if refusal:
+                raise ConfigError(refusal)
         return self
 
     # ---- defaults ---------------------------------------------------------------------------------------------
@@ -310,13 +297,19 @@ class TrainingConfig:
         return PRESETS[self.subject_type]
 
     @property
+    def method_spec(self) -> MethodSpec:
+        """The registry's spec of :attr:`method` (:mod:`personalization.methods`)."""
+        return method_spec(self.method)
+
+    @property
     def learns_token(self) -> bool:
         """Whether the method learns a new trigger embedding (and so writes learned_embeds.safetensors)."""
-        return self.method in ("two_stage", "textual_inversion")
+        return self.method_spec.learns_token
 
     @property
     def uses_lora(self) -> bool:
-        return self.method == "dreambooth_lora" or (self.method == "two_stage" and self.default_stage2_mode() == "lora")
+        spec = self.method_spec
+        return spec.trains_unet and spec.stage2_mode(self.default_stage2_mode()) == "lora"
 
     @property
     def on_mini_world(self) -> bool:
@@ -331,28 +324,26 @@ class TrainingConfig:
 
     @property
     def trains_unet(self) -> bool:
-        return self.method != "textual_inversion"
+        return self.method_spec.trains_unet
 
     def resolved(self) -> ResolvedConfig:
         """A validated copy with every ``None`` default filled in from the method and the subject preset."""
         self.validate()
         values = dataclasses.asdict(self)
-        defaults = METHOD_DEFAULTS[self.method]
+        spec = self.method_spec
+        defaults = dataclasses.asdict(spec.defaults)
         scale = self.preset.steps_scale
         for name in ("stage1_steps", "stage2_steps"):
             if values[name] is None:
                 values[name] = round(defaults[name] * scale)
-        if self.method == "two_stage":
-            values["stage2_mode"] = self.default_stage2_mode()
-        else:
-            values["stage2_mode"] = "lora" if self.method == "dreambooth_lora" else "full"
+        values["stage2_mode"] = spec.stage2_mode(self.default_stage2_mode())
         if values["stage1_learning_rate"] is None:
             values["stage1_learning_rate"] = defaults["stage1_learning_rate"]
         if values["stage2_learning_rate"] is None:
             method_rate = defaults["stage2_learning_rate"]
             mode_rate = STAGE2_LEARNING_RATES[values["stage2_mode"]]
             values["stage2_learning_rate"] = mode_rate if method_rate is None else method_rate
-            if self.on_mini_world and self.method != "textual_inversion":
+            if self.on_mini_world and spec.trains_unet:
                 # A 12.6 M-parameter U-Net needs far larger steps than SD-1.5's 860 M (measured on the mini world).
                 values["stage2_learning_rate"] = MINI_WORLD_UNET_LEARNING_RATES[values["stage2_mode"]]
         values["class_noun"] = self.class_noun.strip().lower()
@@ -360,7 +351,7 @@ class TrainingConfig:
             values["init_word"] = values["class_noun"].split()[-1]
         if values["trigger_token"] is None:
             learned = default_trigger(values["class_noun"])
-            values["trigger_token"] = learned if self.learns_token else DEFAULT_IDENTIFIER
+            values["trigger_token"] = learned if spec.learns_token else DEFAULT_IDENTIFIER
         if values["lora_alpha"] is None:
             # alpha == rank keeps the LoRA scale at 1, so a loader that ignores metadata still reproduces it.
             values["lora_alpha"] = self.lora_rank
@@ -371,14 +362,14 @@ class TrainingConfig:
             values["prompt_templates"] = list(templates)
         if values["class_prompt"] is None:
             values["class_prompt"] = f"a photo of a {values['class_noun']}"
-        if self.method == "textual_inversion":
-            values["stage2_steps"] = 0  # TI never touches the U-Net
-        if self.method in ("dreambooth", "dreambooth_lora"):
-            values["stage1_steps"] = 0  # DreamBooth learns no embedding
+        if not spec.trains_unet:
+            values["stage2_steps"] = 0  # e.g. textual inversion never touches the U-Net
+        if not spec.learns_token:
+            values["stage1_steps"] = 0  # e.g. DreamBooth learns no embedding
         if values["stage1_steps"] == 0 and values["stage2_steps"] == 0:
             raise ConfigError("stage1_steps and stage2_steps are both 0: nothing would be trained")
-        if self.method == "two_stage" and values["stage1_steps"] == 0:
-            raise ConfigError("stage1_steps must be at least 1 for two_stage (stage 1 learns the trigger)")
+        if spec.learns_token and values["stage1_steps"] == 0:
+            raise ConfigError(f"stage1_steps must be at least 1 for {self.method} (stage 1 learns the trigger)")
         return ResolvedConfig(**values).validate()
 
     # ---- instance prompt --------------------------------------------------------------------------------------
@@ -459,16 +450,22 @@ class ConfigField:
     """One user-settable field of :class:`TrainingConfig`, described for generated interfaces (CLI, forms).
 
     ``kind``: int, float, bool, str or list (of strings). ``optional``: None is allowed (the method's or preset's
-    default when resolved, or "off" where ``info.none_is_off``). ``choices``: the values a Literal-typed field takes.
+    default when resolved, or "off" where ``info.none_is_off``). ``literal``: the values its Literal type lists.
     ``default``: the field's default (None: derived when resolved).
     """
 
     name: str
     kind: type
     optional: bool
-    choices: tuple[str, ...]
+    literal: tuple[str, ...]
     default: Any
     info: FieldInfo
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The values a Literal-typed field takes, read when asked: its registry's (``info.choices``: the methods
+        registered now), else its Literal's; () for other fields."""
+        return self.info.choices() if self.info.choices else self.literal
 
     def coerce(self, value: Any) -> Any:
         """A form's value as the field takes it: numbers as int or float, "" or None as None for optional fields."""

@@ -10,20 +10,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from . import artifacts
 from .config import TrainingConfig
 from .device import BUNDLED_MINI_MODEL, SD15_HUB_ID
+from .methods import LEARNED_TOKEN_HUB_TAG
 
-METHOD_TAGS = {
-    "two_stage": "two-stage-personalization",
-    "textual_inversion": "textual-inversion",
-    "dreambooth": "dreambooth",
-    "dreambooth_lora": "dreambooth",
-}
-METHOD_NAMES = {
-    "two_stage": "two-stage personalization (Zeng, Suganuma, Okatani 2024): textual inversion of a rare adjective, "
-    "then U-Net fine-tuning with the text encoder and the embedding frozen, without prior preservation",
-    "textual_inversion": "Textual Inversion (Gal et al. 2022)",
-    "dreambooth": "DreamBooth (Ruiz et al. 2023), full U-Net fine-tuning",
-    "dreambooth_lora": "DreamBooth with LoRA on the U-Net",
-}
 LICENSES = {
     SD15_HUB_ID: "creativeml-openrail-m",
     "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
@@ -55,7 +43,7 @@ def diffusers_snippet(config: TrainingConfig, repo_id: str, base_for_code: str) 
         lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base_for_code}", unet=unet, dtype=dtype)')
     else:
         lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base_for_code}", dtype=dtype)')
-    if config.method == "dreambooth" and config.train_text_encoder:
+    if _full_unet(config) and config.train_text_encoder:  # the trainer saves the text encoder with a full U-Net
         lines.insert(2, "from transformers import CLIPTextModel")
         lines.append(f'pipe.text_encoder = CLIPTextModel.from_pretrained("{repo_id}", subfolder="text_encoder",'
                      " dtype=dtype)")
@@ -80,12 +68,12 @@ def build_model_card(
     """The card for an artifact folder; ``config.base_model`` must already be portable (no local paths)."""
     base = config.base_model or ""
     hub_base = base if is_hub_id(base) else None
-    tags = ["text-to-image", "diffusers", "stable-diffusion", "template:sd-lora", METHOD_TAGS[config.method],
-            "personalization"]
+    spec = config.method_spec  # the method's wording, citation and tags
+    tags = ["text-to-image", "diffusers", "stable-diffusion", "template:sd-lora", *spec.hub_tags, "personalization"]
     if config.uses_lora:
         tags.insert(3, "lora")
     if config.learns_token:
-        tags.insert(3, "textual_inversion")
+        tags.insert(3, LEARNED_TOKEN_HUB_TAG)
     widget = [{"text": _sample_prompt(config, index), "output": {"url": f"{artifacts.SAMPLES_DIR}/{name}"}}
               for index, name in enumerate(sample_names)]
     data = ModelCardData(
@@ -124,7 +112,7 @@ def build_model_card(
 A personalized text-to-image model: it knows one specific **{config.class_noun}**, called up with the trigger
 `{config.trigger_token}` used as an adjective: **`{config.instance_prompt()}`**.
 
-- Method: {METHOD_NAMES[config.method]}{f" (stage 2: {config.stage2_mode})" if config.method == "two_stage" else ""}
+- Method: {spec.card_name}{f" (stage 2: {config.stage2_mode})" if spec.chooses_stage2_mode else ""}
 - Base model: {base_text}
 - Resolution: {config.resolution} px, seed {config.seed}
 - Trained on: {summary.get("hardware", "unknown hardware")}, {summary.get("seconds_training", 0):.0f} s of training

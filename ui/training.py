@@ -57,8 +57,8 @@ def trained_message(job: TrainingJob, method_label: str) -> str:
 class TrainingRuns:
     """Starts, follows and cancels the trainings of the app's sessions, one per GPU at a time."""
 
-    def __init__(self, services: Services, method_labels: dict[str, str]) -> None:
-        self.services, self.method_labels = services, method_labels
+    def __init__(self, services: Services) -> None:
+        self.services = services
 
     def start(self, session: Session | None, values: dict[str, Any]) -> Iterator[Update]:
         """The session is changed in place and not returned: under ZeroGPU this runs in a forked worker whose
@@ -82,7 +82,7 @@ class TrainingRuns:
         elif job.error is not None:
             yield progress_html(None, describe_failure(job.error)), None, ""
         else:
-            yield progress_html(None, "Done."), gr.skip(), trained_message(job, self.method_labels[job.config.method])
+            yield progress_html(None, "Done."), gr.skip(), trained_message(job, job.config.method_spec.label)
 
     def new_job(self, session: Session, values: dict[str, Any]) -> TrainingJob:
         base = self.services.checked_base(values.get("base_model"))
