@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -159,6 +160,9 @@ def run_train(args: argparse.Namespace) -> int:
     times = ", ".join(f"{s.name} {s.steps} steps {s.seconds:.1f} s" for s in result.stages)
     print(f"trained {result.config.method} on {result.hardware}: {times}")
     print(f"wrote {result.output_dir} (trigger: {result.config.instance_prompt()})")
+    example = shlex.quote(result.config.context_prompts()[0])
+    print(f"try: python -m personalization generate --artifact {shlex.quote(str(result.output_dir))} "
+          f"--prompt {example} --out sample.png")
     return 0
 
 

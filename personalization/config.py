@@ -61,6 +61,8 @@ DEFAULT_IDENTIFIER = "sks"
 # how a folder is recognized by what it is, wherever it lives.
 MINI_WORLD_NAME = "mini-shapes"
 MINI_WORLD_INFO_FILE = "training_info.json"
+# Backgrounds the mini world was drawn on (personalization.mini_world.world.COLORS): its models know no other places.
+MINI_WORLD_BACKGROUNDS = ("blue", "green", "yellow", "black")
 # The symbolic name of the mini model bundled in personalization/assets (see personalization.device).
 BUNDLED_MINI_MODEL = f"bundled:{MINI_WORLD_NAME}"
 
@@ -382,10 +384,16 @@ class TrainingConfig:
         """Prompts for the samples on the card: the user's, else the trigger phrase and two new contexts."""
         if self.validation_prompts:
             return list(self.validation_prompts)
+        return [self.instance_prompt(), *self.context_prompts()[:2]]
+
+    def context_prompts(self) -> list[str]:
+        """The subject in new places, in words the base model knows: backgrounds of the shapes world on the mini
+        model (it learned nothing else), scenes on Stable Diffusion. What the app, the card and the CLI suggest."""
         phrase = self.instance_prompt()
         if self.on_mini_world:
-            return [phrase, f"{phrase} on a blue background", f"{phrase} on a green background"]
-        return [phrase, f"{phrase} on the beach", f"a watercolor painting of a {self.trigger_token} {self.class_noun}"]
+            return [f"{phrase} on a {colour} background" for colour in MINI_WORLD_BACKGROUNDS]
+        return [f"{phrase} on the beach", f"a watercolor painting of a {self.trigger_token} {self.class_noun}",
+                f"{phrase} in the snow", f"{phrase} on a cobblestone street"]
 
     # ---- serialisation ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

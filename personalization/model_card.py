@@ -8,7 +8,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import artifacts
-from .config import TrainingConfig
+from .config import GENERATION_DEFAULTS, TrainingConfig
 from .device import BUNDLED_MINI_MODEL, SD15_HUB_ID
 from .methods import LEARNED_TOKEN_HUB_TAG
 
@@ -52,7 +52,7 @@ def diffusers_snippet(config: TrainingConfig, repo_id: str, base_for_code: str) 
         lines.append(f'pipe.load_textual_inversion("{repo_id}")')
     if config.uses_lora:
         lines.append(f'pipe.load_lora_weights("{repo_id}")')
-    lines.append(f'image = pipe("{config.instance_prompt()} on the beach", num_inference_steps=25,'
+    lines.append(f'image = pipe("{config.context_prompts()[0]}", num_inference_steps={GENERATION_DEFAULTS.steps},'
                  f" guidance_scale={config.guidance_scale:g}).images[0]")
     lines.append('image.save("sample.png")')
     return "\n".join(lines)

@@ -289,3 +289,22 @@ def test_sample_images_use_the_generation_defaults():
     config = TrainingConfig(class_noun="dog")
     assert (config.sample_steps, config.guidance_scale) == (GENERATION_DEFAULTS.steps,
                                                            GENERATION_DEFAULTS.guidance_scale) == (25, 5.0)
+
+
+def test_prompts_suggested_on_the_mini_model_use_only_its_words():
+    """The mini world has no beach: every suggestion (Generate tab, card snippet, samples) stays in its vocabulary."""
+    import re as regex
+
+    from personalization.mini_world.world import COLOR_NAMES, SHAPES
+    from personalization.model_card import diffusers_snippet
+
+    vocabulary = {"a", "photo", "of", "on", "background", *COLOR_NAMES, *SHAPES}
+    for method in METHODS:
+        config = TrainingConfig(class_noun="star", method=method, base_model=BUNDLED_MINI_MODEL).resolved()
+        snippet_prompt = regex.search(r'pipe\("([^"]+)"', diffusers_snippet(config, "a/b", BUNDLED_MINI_MODEL))[1]
+        for prompt in [*config.context_prompts(), *config.sample_prompts(), snippet_prompt]:
+            words = set(prompt.replace(config.trigger_token, "").split())
+            assert words <= vocabulary, (method, prompt, words - vocabulary)
+    sd = TrainingConfig(class_noun="dog", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").resolved()
+    assert sd.context_prompts()[0] == f"{sd.instance_prompt()} on the beach"
+    assert len(sd.context_prompts()) >= 3 and len(config.context_prompts()) >= 3

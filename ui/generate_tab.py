@@ -13,6 +13,7 @@ import gradio as gr
 
 from personalization import hub
 from personalization.artifacts import ArtifactError, ArtifactInfo, read_artifact
+from personalization.config import ConfigError, ResolvedConfig
 from personalization.device import portable_base_model
 from personalization.generation import GenerationRequest
 from personalization.tokens import strip_trigger
@@ -69,7 +70,10 @@ def suggested_prompt(session: Session | None, choice: str | None) -> str:
         info = read_artifact(resolve_source(session, choice))
     except ArtifactError as error:
         return str(error)
-    return f"{info.instance_prompt} on the beach"
+    try:  # a prompt the artifact's base model can draw (a downloaded config may be anything)
+        return ResolvedConfig.from_dict(info.config).context_prompts()[0]
+    except (ConfigError, TypeError, ValueError):
+        return info.instance_prompt
 
 
 def load_from_hub(services: Services, repo: str, token: str, session: Session | None,
