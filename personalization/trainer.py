@@ -2,7 +2,9 @@
 
 Read top to bottom: load the base model, add the trigger, cache what never changes (VAE latents of the subject
 images and their flips, prompt conditionings when the text side is frozen, class images for prior preservation),
-run the stages, then write the artifact folder in one atomic rename.
+run the stages, then write the artifact folder in one atomic rename (:func:`train`, one function per phase).
+A stage is :func:`run_stage`, the loop alone: :func:`trainable_parts` sets up what the stage trains and freezes it
+again on exit, and :class:`Batches` hands each step its latents and conditionings.
 """
 
 from __future__ import annotations
@@ -302,6 +304,8 @@ def _add_unet_lora(unet: UNet2DConditionModel, config: TrainingConfig) -> None:
 
 @dataclass
 class StageContext:
+    """What every stage of a run shares: the model, the caches, the progress and cancel hooks."""
+
     components: Components
     config: TrainingConfig
     placement: Placement
@@ -318,15 +322,22 @@ class StageContext:
     preview_prompt: str
 
 
-def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
-    """Train one stage: set what is trainable, cache what is constant, then step."""
-    comps, config, device = ctx.components, ctx.config, ctx.placement.device
-    # Each data-parallel process draws its own images, noise and timesteps, else DDP would average copies.
-    process_offset = 1_000_003 * ctx.accelerator.process_index
-    generator = torch.Generator("cpu").manual_seed(config.seed + ctx.steps_before + process_offset)
-    spliced: TriggerEmbedding | None = None
+@dataclass
+class TrainableParts:
+    """What one stage trains: the modules the loop calls (wrapped for data-parallel runs), the parameters and their
+    optimizer, and the plain modules that have trainable weights (put in eval mode for previews)."""
 
-    # What moves in this stage.
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    modules: list[torch.nn.Module]
+
+
+def _unfreeze(stage: StagePlan, ctx: StageContext) -> tuple[list[torch.nn.Parameter], TriggerEmbedding | None]:
+    """Give gradients to what ``stage`` moves; return its parameters and the spliced trigger row, if any."""
+    comps = ctx.components
+    spliced: TriggerEmbedding | None = None
     if stage.trainable == "embedding":
         if ctx.trigger_id is None:
             raise ValueError(f"{stage.name}: no trigger token to train")
@@ -334,7 +345,7 @@ def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
         comps.text_encoder.set_input_embeddings(spliced)
         params = [spliced.vector]
     elif stage.trainable == "unet_lora":
-        _add_unet_lora(comps.unet, config)
+        _add_unet_lora(comps.unet, ctx.config)
         params = [p for p in comps.unet.parameters() if p.requires_grad]
     else:
         comps.unet.requires_grad_(True)
@@ -342,103 +353,161 @@ def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
     if stage.train_text_encoder:
         comps.text_encoder.requires_grad_(True)
         params += [p for p in comps.text_encoder.parameters() if p.requires_grad]
-    if config.gradient_checkpointing and stage.trainable != "embedding":
+    return params, spliced
+
+
+@contextlib.contextmanager
+def trainable_parts(stage: StagePlan, ctx: StageContext) -> Iterator[TrainableParts]:
+    """What ``stage`` trains, with its optimizer and memory options; on exit everything is frozen again.
+
+    Exit writes the learned trigger vector back into the embedding table, freezes and sets to eval mode what trained,
+    and switches gradient checkpointing off; what the stage does not train is never touched, so it stays bit-identical.
+    """
+    comps, config, accelerator = ctx.components, ctx.config, ctx.accelerator
+    trains_unet = stage.trainable != "embedding"
+    params, spliced = _unfreeze(stage, ctx)
+    if config.gradient_checkpointing and trains_unet:
         comps.unet.enable_gradient_checkpointing()
-    if stage.trainable != "embedding":
+    if trains_unet:
         comps.unet.train()
     optimizer = _make_optimizer(params, stage.learning_rate, stage.weight_decay, config, ctx.placement)
-    optimizer = ctx.accelerator.prepare_optimizer(optimizer)
+    optimizer = accelerator.prepare_optimizer(optimizer)
     # Data-parallel runs (accelerate launch) need the trainable modules wrapped so gradients are averaged; a single
     # process keeps the plain modules, so what is saved is exactly what was trained.
     unet, text_encoder = comps.unet, comps.text_encoder
-    if ctx.accelerator.num_processes > 1:
-        if stage.trainable != "embedding":
-            unet = ctx.accelerator.prepare_model(comps.unet)
-        if stage.trainable == "embedding" or stage.train_text_encoder:
-            text_encoder = ctx.accelerator.prepare_model(comps.text_encoder)
+    if accelerator.num_processes > 1:
+        if trains_unet:
+            unet = accelerator.prepare_model(comps.unet)
+        if not trains_unet or stage.train_text_encoder:
+            text_encoder = accelerator.prepare_model(comps.text_encoder)
+    modules = [m for m in (comps.unet, comps.text_encoder) if any(p.requires_grad for p in m.parameters())]
+    try:
+        yield TrainableParts(unet, text_encoder, params, optimizer, modules)
+    finally:
+        if spliced is not None:
+            comps.text_encoder.set_input_embeddings(spliced.write_back())
+        for module in modules:
+            module.requires_grad_(False)
+            module.eval()
+        if config.gradient_checkpointing and trains_unet:
+            comps.unet.disable_gradient_checkpointing()
 
-    # What never changes in this stage.
-    prompt_ids = tokenize(comps.tokenizer, stage.prompts, device)
-    frozen_conditioning = None
-    if stage.text_frozen:
-        with torch.no_grad():
-            frozen_conditioning = comps.text_encoder(prompt_ids)[0]
-    class_conditioning = None
-    if stage.prior_preservation and ctx.class_latents is not None:
-        class_ids = tokenize(comps.tokenizer, [config.class_prompt], device)
-        if stage.text_frozen:
-            with torch.no_grad():
-                class_conditioning = comps.text_encoder(class_ids)[0]
 
-    image_count = ctx.flip_offset if ctx.flip_offset is not None else len(ctx.subject_latents)
-    batch_size = min(config.max_batch_size, image_count)
-    order = torch.randperm(image_count, generator=generator)
-    cursor = 0
-    stage_started = time.perf_counter()
+class Batches:
+    """What each step of a stage trains on, drawn from the stage's generator in a fixed order (same seed, same run).
+
+    Subject batches hold min(max_batch_size, image count) different images: a shuffled order is walked a batch at a
+    time and reshuffled when less than a batch is left. With flips, each image is its mirrored copy (cached after the
+    originals) half of the time. Each image gets one of the stage's prompts at random. Class batches (prior
+    preservation) hold as many class images, each with the class prompt. Conditionings are computed once when the
+    text side is frozen, else by ``text_encoder`` at each step (under the caller's autocast, so gradients reach it).
+    """
+
+    def __init__(self, stage: StagePlan, ctx: StageContext, text_encoder: torch.nn.Module,
+                 generator: torch.Generator) -> None:
+        tokenizer, self.device = ctx.components.tokenizer, ctx.placement.device
+        self.text_encoder, self.generator = text_encoder, generator
+        self.latents, self.flip_offset = ctx.subject_latents, ctx.flip_offset
+        self.prompt_ids = tokenize(tokenizer, stage.prompts, self.device)
+        self.cached_conditioning = self._frozen(self.prompt_ids) if stage.text_frozen else None
+        self.class_latents = ctx.class_latents if stage.prior_preservation else None
+        if self.class_latents is not None:
+            self.class_ids = tokenize(tokenizer, [ctx.config.class_prompt], self.device)
+            self.cached_class_conditioning = self._frozen(self.class_ids) if stage.text_frozen else None
+        self.image_count = self.flip_offset if self.flip_offset is not None else len(self.latents)
+        self.size = min(ctx.config.max_batch_size, self.image_count)
+        self.order = torch.randperm(self.image_count, generator=generator)
+        self.cursor = 0
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.class_latents is not None
+
+    @torch.no_grad()
+    def _frozen(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0]
+
+    def subject(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next subject batch: its latents and the index of each image's prompt."""
+        if self.cursor + self.size > self.image_count:
+            self.order, self.cursor = torch.randperm(self.image_count, generator=self.generator), 0
+        indices = self.order[self.cursor: self.cursor + self.size]
+        self.cursor += self.size
+        if self.flip_offset is not None:
+            flips = torch.rand(self.size, generator=self.generator) < 0.5
+            indices = torch.where(flips, indices + self.flip_offset, indices)
+        latents = self.latents.sample(indices, self.generator)
+        prompt_index = torch.randint(0, len(self.prompt_ids), (self.size,), generator=self.generator)
+        return latents, prompt_index
+
+    def conditioning(self, prompt_index: torch.Tensor) -> torch.Tensor:
+        """The text conditioning of the prompts ``subject`` chose."""
+        if self.cached_conditioning is not None:
+            return self.cached_conditioning[prompt_index.to(self.device)]
+        return self.text_encoder(self.prompt_ids[prompt_index.to(self.device)])[0]
+
+    def classes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prior-preservation batch: class-image latents and the class prompt's conditioning."""
+        assert self.class_latents is not None, "the stage has no prior preservation"
+        class_index = torch.randint(0, len(self.class_latents), (self.size,), generator=self.generator)
+        latents = self.class_latents.sample(class_index, self.generator)
+        if self.cached_class_conditioning is None:
+            return latents, self.text_encoder(self.class_ids.expand(self.size, -1))[0]
+        return latents, self.cached_class_conditioning.expand(self.size, -1, -1)
+
+
+def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
+    """Train one stage: sample a batch, take the loss, step; report progress, previews, and stop when cancelled."""
+    config, accelerator, scheduler = ctx.config, ctx.accelerator, ctx.components.noise_scheduler
+    # Each data-parallel process draws its own images, noise and timesteps, else DDP would average copies.
+    process_offset = 1_000_003 * accelerator.process_index
+    generator = torch.Generator("cpu").manual_seed(config.seed + ctx.steps_before + process_offset)
     loss_value: float | None = None
-    trainable_modules = [m for m in (comps.unet, comps.text_encoder) if any(p.requires_grad for p in m.parameters())]
-
-    for step in range(1, stage.steps + 1):
-        ctx.cancel.raise_if_cancelled()
-        if cursor + batch_size > image_count:
-            order, cursor = torch.randperm(image_count, generator=generator), 0
-        indices = order[cursor: cursor + batch_size]
-        cursor += batch_size
-        if ctx.flip_offset is not None:
-            flips = torch.rand(batch_size, generator=generator) < 0.5
-            indices = torch.where(flips, indices + ctx.flip_offset, indices)
-        latents = ctx.subject_latents.sample(indices, generator)
-        prompt_index = torch.randint(0, len(stage.prompts), (batch_size,), generator=generator)
-
-        with ctx.accelerator.autocast():
-            if frozen_conditioning is not None:
-                conditioning = frozen_conditioning[prompt_index.to(device)]
-            else:
-                conditioning = text_encoder(prompt_ids[prompt_index.to(device)])[0]
-            loss = diffusion_loss(unet, comps.noise_scheduler, latents, conditioning, generator,
-                                  config.snr_gamma)
-            if ctx.class_latents is not None and stage.prior_preservation:
-                class_index = torch.randint(0, len(ctx.class_latents), (batch_size,), generator=generator)
-                class_latents = ctx.class_latents.sample(class_index, generator)
-                if class_conditioning is None:
-                    class_conditioning_step = text_encoder(class_ids.expand(batch_size, -1))[0]
-                else:
-                    class_conditioning_step = class_conditioning.expand(batch_size, -1, -1)
-                prior = diffusion_loss(unet, comps.noise_scheduler, class_latents, class_conditioning_step,
-                                       generator, config.snr_gamma)
-                loss = loss + config.prior_loss_weight * prior
-        ctx.accelerator.backward(loss)
-        if ctx.accelerator.sync_gradients and config.max_grad_norm:
-            ctx.accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"{stage.name}: the loss became {loss_value} at step {step}; lower the learning rate "
-                f"({stage.learning_rate:g}) or use mixed_precision='no'"
-            )
-
-        if ctx.report is not None:
-            done = ctx.steps_before + step
-            elapsed = time.perf_counter() - ctx.started
-            stage_rate = (time.perf_counter() - stage_started) / step
-            eta = stage_rate * (ctx.total_steps - done)
-            preview = None
-            if config.preview_interval and (step % config.preview_interval == 0 or step == stage.steps):
-                preview = render_preview(comps, config, ctx.preview_prompt, trainable_modules)
-            ctx.report(ProgressEvent(stage.name, done, ctx.total_steps, step, stage.steps, loss_value, elapsed,
-                                     eta, preview=preview))
-
-    if spliced is not None:
-        comps.text_encoder.set_input_embeddings(spliced.write_back())
-    for module in trainable_modules:
-        module.requires_grad_(False)
-        module.eval()
-    if config.gradient_checkpointing and stage.trainable != "embedding":
-        comps.unet.disable_gradient_checkpointing()
+    with trainable_parts(stage, ctx) as parts:
+        batches = Batches(stage, ctx, parts.text_encoder, generator)
+        stage_started = time.perf_counter()
+        for step in range(1, stage.steps + 1):
+            ctx.cancel.raise_if_cancelled()
+            latents, prompt_index = batches.subject()
+            with accelerator.autocast():
+                loss = diffusion_loss(parts.unet, scheduler, latents, batches.conditioning(prompt_index), generator,
+                                      config.snr_gamma)
+                if batches.prior_preservation:
+                    class_latents, class_conditioning = batches.classes()
+                    prior = diffusion_loss(parts.unet, scheduler, class_latents, class_conditioning, generator,
+                                           config.snr_gamma)
+                    loss = loss + config.prior_loss_weight * prior
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_(parts.params, config.max_grad_norm)
+            parts.optimizer.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"{stage.name}: the loss became {loss_value} at step {step}; lower the learning rate "
+                    f"({stage.learning_rate:g}) or use mixed_precision='no'"
+                )
+            _report_step(stage, ctx, step, loss_value, stage_started, parts.modules)
     seconds = time.perf_counter() - stage_started
     return StageSummary(stage.name, stage.steps, seconds, loss_value, 1000 * seconds / max(stage.steps, 1))
+
+
+def _report_step(stage: StagePlan, ctx: StageContext, step: int, loss_value: float, stage_started: float,
+                 trainable_modules: Sequence[torch.nn.Module]) -> None:
+    """Progress after ``step``, with a preview every ``preview_interval`` steps and at the stage's end."""
+    if ctx.report is None:
+        return
+    config = ctx.config
+    done = ctx.steps_before + step
+    elapsed = time.perf_counter() - ctx.started
+    stage_rate = (time.perf_counter() - stage_started) / step
+    eta = stage_rate * (ctx.total_steps - done)
+    preview = None
+    if config.preview_interval and (step % config.preview_interval == 0 or step == stage.steps):
+        preview = render_preview(ctx.components, config, ctx.preview_prompt, trainable_modules)
+    ctx.report(ProgressEvent(stage.name, done, ctx.total_steps, step, stage.steps, loss_value, elapsed, eta,
+                             preview=preview))
 
 
 @torch.no_grad()
@@ -460,6 +529,22 @@ def render_preview(comps: Components, config: TrainingConfig, prompt: str,
 
 
 # ---- the whole run -----------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """One run's loaded state, handed from each phase of :func:`train` to the next."""
+
+    config: TrainingConfig
+    recipe: Recipe
+    placement: Placement
+    accelerator: Accelerator
+    components: Components
+    trigger_id: int | None
+    notes: list[str]
+    cancel: CancelFlag
+    progress: ProgressCallback | None
+    started: float
+
+
 def train(
     config: TrainingConfig,
     subject_images: SubjectImages | Path | str | Sequence[Path | str],
@@ -474,10 +559,31 @@ def train(
 
     Inputs are validated before the model loads; nothing appears at ``output_dir`` unless the run completes.
     """
-    from .model_card import write_model_card
-
     started = time.perf_counter()
     cancel = cancel or CancelFlag()
+    config, images, base_path, tokenizer, output_dir = _check_inputs(config, subject_images, output_dir, overwrite)
+    run = _load(config, base_path, tokenizer, placement, list(images.notes), cancel, progress, started)
+    class_latents = _class_latents(run)
+    subject_latents, flip_offset = _subject_latents(run, images)
+    summaries, training_seconds = _run_stages(run, subject_latents, flip_offset, class_latents)
+    cancel.raise_if_cancelled()
+
+    result = TrainingResult(output_dir, run.config, summaries, 0.0, training_seconds, run.placement.describe(),
+                            notes=run.notes)
+    if run.accelerator.is_main_process:
+        _write_artifact(run, result, overwrite)
+    return result
+
+
+def _check_inputs(
+    config: TrainingConfig, subject_images: SubjectImages | Path | str | Sequence[Path | str], output_dir: Path | str,
+    overwrite: bool,
+) -> tuple[TrainingConfig, SubjectImages, str, CLIPTokenizer, Path]:
+    """What can be refused before the model loads: the config, the output folder, the images, the trigger.
+
+    Returns the config with its base model and resolution filled in, the images at that resolution, the base model's
+    local path, its tokenizer (read for the trigger check) and the resolved output folder.
+    """
     # The base model is fixed first: some defaults (the mini world's prompt templates) depend on it.
     config = dataclasses.replace(config, base_model=config.base_model or default_base_model())
     config = config.resolved()
@@ -499,67 +605,91 @@ def train(
                                         for im in subject_images.images], subject_images.names, subject_images.notes)
     tokenizer = _check_trigger_early(base_path, config)
     config = dataclasses.replace(config, base_model=base_model, resolution=resolution)
-    recipe: Recipe = recipe_for(config)
+    return config, subject_images, base_path, tokenizer, output_dir
 
+
+def _load(config: TrainingConfig, base_path: str, tokenizer: CLIPTokenizer, placement: Placement | None,
+          notes: list[str], cancel: CancelFlag, progress: ProgressCallback | None, started: float) -> _Run:
+    """Choose the device, load the base model, fit the memory options to the card, add the trigger token."""
+    recipe: Recipe = recipe_for(config)
     placement = placement or choose_placement(config.mixed_precision)
     torch.manual_seed(config.seed)
     accelerator = Accelerator(mixed_precision=placement.mixed_precision, cpu=placement.device.type == "cpu")
     if accelerator.num_processes > 1:
         placement = Placement(accelerator.device, placement.mixed_precision)
     comps = load_components(base_path, placement, tokenizer=tokenizer)
-    notes = list(subject_images.notes)
     config = _fit_memory(config, recipe, comps, placement, notes)
 
     trigger_id = None
     if recipe.learns_token:
         trigger_id = add_trigger_token(comps.tokenizer, comps.text_encoder, config.trigger_token,
                                        config.init_word)
+    return _Run(config, recipe, placement, accelerator, comps, trigger_id, notes, cancel, progress, started)
 
-    class_latents = None
-    if recipe.needs_class_images:
-        # The main process fills the on-disk cache; the others read it once it is complete.
-        if accelerator.is_main_process:
-            class_images = generate_class_images(comps, config, base_model, resolution, cancel, progress, started)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            class_images = generate_class_images(comps, config, base_model, resolution, cancel, progress, started)
-        class_latents = encode_images(comps.vae, class_images, placement.device)
+
+def _class_latents(run: _Run) -> LatentCache | None:
+    """Latents of the prior-preservation class images, generated by the untouched base model (None without)."""
+    if not run.recipe.needs_class_images:
+        return None
+    config, accelerator = run.config, run.accelerator
+    base_model, resolution = config.base_model, config.resolution
+
+    def generate() -> list[Image.Image]:
+        return generate_class_images(run.components, config, base_model, resolution, run.cancel, run.progress,
+                                     run.started)
+
+    # The main process fills the on-disk cache; the others read it once it is complete.
+    if accelerator.is_main_process:
+        class_images = generate()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        class_images = generate()
+    return encode_images(run.components.vae, class_images, run.placement.device)
+
+
+def _subject_latents(run: _Run, subject_images: SubjectImages) -> tuple[LatentCache, int | None]:
+    """Latents of the subject images, then of their mirrored copies when flips are on (the offset of those)."""
     images = list(subject_images.images)
     flip_offset = None
-    if config.flip:
+    if run.config.flip:
         images += [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in subject_images.images]
         flip_offset = len(subject_images.images)
-    subject_latents = encode_images(comps.vae, images, placement.device)
+    return encode_images(run.components.vae, images, run.placement.device), flip_offset
 
+
+def _run_stages(run: _Run, subject_latents: LatentCache, flip_offset: int | None,
+                class_latents: LatentCache | None) -> tuple[list[StageSummary], float]:
+    """Run the recipe's stages in order; return their summaries and the seconds they took together."""
     summaries: list[StageSummary] = []
     training_started = time.perf_counter()
-    if config.compile_unet:
+    if run.config.compile_unet:
         # Regional: each repeated transformer block is compiled once per shape, a fraction of a whole-U-Net
         # compile's warm-up. The warm-up happens in the first steps and is counted in the training time.
-        comps.unet.compile_repeated_blocks()
+        run.components.unet.compile_repeated_blocks()
     steps_before = 0
-    for stage in recipe.stages:
-        ctx = StageContext(comps, config, placement, accelerator, subject_latents, flip_offset, class_latents,
-                            trigger_id, cancel, progress, started, steps_before, recipe.total_steps,
-                            config.sample_prompts()[0])
+    for stage in run.recipe.stages:
+        ctx = StageContext(run.components, run.config, run.placement, run.accelerator, subject_latents, flip_offset,
+                           class_latents, run.trigger_id, run.cancel, run.progress, run.started, steps_before,
+                           run.recipe.total_steps, run.config.sample_prompts()[0])
         summaries.append(run_stage(stage, ctx))
         steps_before += stage.steps
-    training_seconds = time.perf_counter() - training_started
-    cancel.raise_if_cancelled()
+    return summaries, time.perf_counter() - training_started
 
-    result = TrainingResult(output_dir, config, summaries, 0.0, training_seconds, placement.describe(), notes=notes)
-    if not accelerator.is_main_process:
-        return result
-    with artifacts.atomic_output_dir(output_dir, overwrite=overwrite) as staging:
-        sample_names = artifacts.save_samples(staging, _render_samples(comps, config, cancel))
-        _write_weights(comps, config, recipe, trigger_id, staging)
-        saved = {**config.to_dict(), "base_model": portable_base_model(base_model)}
+
+def _write_artifact(run: _Run, result: TrainingResult, overwrite: bool) -> None:
+    """Samples, weights, config, summary and card into ``result.output_dir``, renamed into place in one step."""
+    from .model_card import write_model_card
+
+    config = run.config
+    with artifacts.atomic_output_dir(result.output_dir, overwrite=overwrite) as staging:
+        sample_names = artifacts.save_samples(staging, _render_samples(run.components, config, run.cancel))
+        _write_weights(run.components, config, run.recipe, run.trigger_id, staging)
+        saved = {**config.to_dict(), "base_model": portable_base_model(config.base_model)}
         artifacts.save_config(staging, saved)
-        result.seconds_total = time.perf_counter() - started
+        result.seconds_total = time.perf_counter() - run.started
         artifacts.save_summary(staging, summary_dict(result))
         write_model_card(staging, TrainingConfig.from_dict(saved), summary_dict(result), sample_names)
-    result.sample_files = [output_dir / artifacts.SAMPLES_DIR / name for name in sample_names]
-    return result
+    result.sample_files = [result.output_dir / artifacts.SAMPLES_DIR / name for name in sample_names]
 
 
 def _check_trigger_early(base_path: str, config: TrainingConfig) -> CLIPTokenizer:

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import time
 
@@ -11,12 +12,15 @@ from personalization.progress import CancelFlag, TrainingCancelled
 from personalization.recipes import recipe_for
 from personalization.tokens import add_trigger_token
 from personalization.trainer import (
+    Batches,
+    LatentCache,
     StageContext,
     _make_optimizer,
     encode_images,
     load_components,
     run_stage,
     train,
+    trainable_parts,
 )
 from tests.tiny_pipeline import TINY_RESOLUTION
 
@@ -224,3 +228,85 @@ def test_compiled_unet_trains_and_saves_the_plain_unet_layout(tiny_base, subject
     base = UNet2DConditionModel.from_pretrained(tiny_base / "unet").state_dict()
     assert trained.keys() == base.keys()  # no "_orig_mod." prefixes from a wrapped module
     assert any(not torch.equal(trained[name], base[name]) for name in base)
+
+
+def marked_latents(marks: list[float]) -> LatentCache:
+    """A latent cache whose i-th entry is filled with marks[i] and has no spread, so a sample names its images."""
+    mean = torch.tensor(marks).reshape(-1, 1, 1, 1).expand(-1, 4, 8, 8).clone()
+    return LatentCache(mean, torch.zeros_like(mean))
+
+
+def marks_of(latents: torch.Tensor) -> list[float]:
+    return latents[:, 0, 0, 0].tolist()
+
+
+@pytest.mark.parametrize(("count", "max_batch_size", "flip"), [(3, 4, False), (3, 4, True), (5, 2, False),
+                                                                (5, 2, True)])
+def test_batches_take_distinct_subject_images_up_to_the_batch_size_with_flips(tiny_base, subject_dir, count,
+                                                                              max_batch_size, flip):
+    config = tiny_config(tiny_base, method="dreambooth", max_batch_size=max_batch_size).resolved()
+    components = load_components(str(tiny_base), choose_placement("no", "cpu"))
+    stage = recipe_for(config).stages[0]
+    originals = [float(i) for i in range(count)]
+    latents = marked_latents(originals + [100.0 + i for i in range(count)] if flip else originals)
+    ctx = dataclasses.replace(stage_context(components, config, subject_dir, None), subject_latents=latents,
+                              flip_offset=count if flip else None)
+    batches = Batches(stage, ctx, components.text_encoder, torch.Generator("cpu").manual_seed(0))
+    size = min(max_batch_size, count)
+    seen, flipped, walk = set(), 0, []
+    for _ in range(40):
+        batch, prompt_index = batches.subject()
+        marks = marks_of(batch)
+        images = [mark % 100 for mark in marks]
+        assert len(marks) == size and len(set(images)) == size  # different images within a step
+        flipped += sum(mark >= 100 for mark in marks)
+        seen |= set(images)
+        walk.append(set(images))
+        assert prompt_index.shape == (size,) and 0 <= int(prompt_index.min()) <= int(prompt_index.max()) < len(
+            stage.prompts)
+        conditioning = batches.conditioning(prompt_index)  # text frozen: the cached conditionings, the same values
+        with torch.no_grad():
+            expected = components.text_encoder(batches.prompt_ids[prompt_index])[0]
+        assert torch.equal(conditioning, expected)
+    assert seen == set(originals)
+    assert (flipped > 0) == flip and flipped < 40 * size
+    if count // size >= 2:  # a shuffled order is walked a batch at a time before it is reshuffled
+        assert not walk[0] & walk[1]
+    assert not batches.prior_preservation
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_class_batches_match_the_subject_batch_size_with_the_class_prompt(tiny_base, subject_dir, train_text_encoder):
+    config = tiny_config(tiny_base, method="dreambooth", prior_preservation=True, class_images=2, max_batch_size=2,
+                         train_text_encoder=train_text_encoder).resolved()
+    components = load_components(str(tiny_base), choose_placement("no", "cpu"))
+    stage = recipe_for(config).stages[0]
+    ctx = dataclasses.replace(stage_context(components, config, subject_dir, None),
+                              class_latents=marked_latents([-1.0, -2.0]))
+    batches = Batches(stage, ctx, components.text_encoder, torch.Generator("cpu").manual_seed(0))
+    assert batches.prior_preservation
+    with torch.no_grad():
+        class_conditioning = components.text_encoder(batches.class_ids)[0]
+    seen = set()
+    for _ in range(10):
+        batches.subject()
+        latents, conditioning = batches.classes()
+        seen |= set(marks_of(latents))
+        assert latents.shape[0] == 2 and conditioning.shape[0] == 2
+        assert torch.equal(conditioning.detach(), class_conditioning.expand(2, -1, -1))
+    assert seen == {-1.0, -2.0}
+
+
+def test_trainable_parts_freeze_everything_again_even_when_the_stage_fails(tiny_base, subject_dir):
+    config = tiny_config(tiny_base).resolved()
+    components = load_components(str(tiny_base), choose_placement("no", "cpu"))
+    trigger_id = add_trigger_token(components.tokenizer, components.text_encoder, config.trigger_token, "box")
+    table = components.text_encoder.get_input_embeddings()
+    stage1 = recipe_for(config).stages[0]
+    with pytest.raises(RuntimeError, match="stop"), trainable_parts(
+            stage1, stage_context(components, config, subject_dir, trigger_id)) as parts:
+        assert parts.params[0].requires_grad and parts.modules == [components.text_encoder]
+        raise RuntimeError("stop")
+    assert components.text_encoder.get_input_embeddings() is table
+    for module in (components.text_encoder, components.unet, components.vae):
+        assert not any(p.requires_grad for p in module.parameters())
