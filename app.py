@@ -70,7 +70,7 @@ def build_app(services: Services | None = None) -> gr.Blocks:
     with CheckedBlocks(title="Personalize a diffusion model") as demo:
         session = gr.State(None)
         base_model = header(services)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("1 · Upload", id="upload"):
                 upload = build_upload_tab(services, session, base_model)
             with gr.Tab("2 · Train", id="train"):
@@ -83,6 +83,10 @@ def build_app(services: Services | None = None) -> gr.Blocks:
         for dropdown, tab in ((generate["source"], generate_tab), (hub_parts["run"], hub_tab)):
             train["run_event"].then(generate["refresh"], session, dropdown, api_visibility="undocumented")
             tab.select(generate["refresh"], session, dropdown, **hidden)
+        # The first minute: from photos (or a clicked example) straight to the trained subject in new places.
+        shown = upload["train_now"].click(lambda: gr.Tabs(selected="train"), None, tabs, **hidden)
+        shown.then(**train["run"], api_visibility="undocumented").then(
+            train["show_samples"], session, train["samples"], api_visibility="undocumented")
         demo.load(train["show_estimate"], train["estimate_inputs"], train["estimate"], api_visibility="undocumented")
     return demo
 

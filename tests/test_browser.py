@@ -156,7 +156,7 @@ def test_click_through_upload_train_generate_and_push(
             shutil.copyfile(shots / f"{name}.png", SCREENSHOTS / f"{name}.png")
 
 
-def test_an_example_thumbnail_loads_its_subject_in_one_click(browser_app: Served, tmp_path: Path) -> None:
+def test_an_example_thumbnail_then_train_and_show_me(browser_app: Served, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
@@ -174,5 +174,18 @@ def test_an_example_thumbnail_loads_its_subject_in_one_click(browser_app: Served
             expect(page.locator("#upload-status")).to_contain_text("5 image(s) ready")
             expect(page.locator("#prepared-gallery img")).to_have_count(5)
             expect(page.locator("#class-noun textarea, #class-noun input").first).to_have_value("heart")
+
+            # Few steps, so the test is quick; everything else stays at the defaults.
+            page.get_by_role("tab", name="2 · Train").click()
+            page.get_by_text("Hyperparameters (prefilled by the preset)").click()
+            for label in ("Stage 1 / TI steps", "U-Net steps"):
+                page.get_by_label(label, exact=True).fill("3")
+                page.get_by_label(label, exact=True).press("Tab")
+            expect(page.locator("#estimate")).to_contain_text("(3 + 3 steps)")
+            page.get_by_role("tab", name="1 · Upload").click()
+            page.locator("#train-now").click()  # straight from the example to its trained model in new places
+            expect(page.get_by_role("tab", name="2 · Train")).to_have_attribute("aria-selected", "true")
+            expect(page.locator("#train-samples img").first).to_be_visible(timeout=120_000)
+            expect(page.locator("#train-result")).to_contain_text("Trained")
         finally:
             context.close()

@@ -78,7 +78,7 @@ def test_the_methods_as_they_are():
 
 @pytest.mark.parametrize("key", METHODS)
 def test_every_method_drives_config_recipe_card_and_app_alike(key):
-    from ui.train_tab import method_choices, shown_widgets
+    from ui.train_form import method_choices, shown_widgets
 
     spec = method_spec(key)
     config = TrainingConfig(class_noun="dog", method=key, base_model=SD15, resolution=512).resolved()
@@ -168,7 +168,7 @@ def test_a_fifth_method_is_offered_by_the_cli(fifth):
 
 
 def test_a_fifth_method_is_offered_by_the_app(fifth, tmp_path: Path):
-    from ui.train_tab import method_choices, option_updates, shown_widgets
+    from ui.train_form import method_choices, option_updates, shown_widgets
 
     assert method_choices()[-1] == ("Fifth (a test)", "fifth")
     assert shown_widgets("fifth") == {"prior_preservation": True, "class_images": True, "train_text_encoder": False}

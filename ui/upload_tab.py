@@ -83,6 +83,7 @@ def build_upload_tab(services: Services, session: gr.State, base_model: gr.Dropd
             example = FormDropdown(examples, label="…or an example subject", value=None, visible=False,
                                    elem_id="example")
             status = gr.Markdown(EMPTY, elem_id="upload-status")
+            train_now = gr.Button("Train and show me (default settings)", variant="primary", elem_id="train-now")
         with gr.Column(scale=4):
             gallery = gr.Gallery(label="Prepared images (what training sees)", columns=5, height=260,
                                  elem_id="prepared-gallery")
@@ -122,4 +123,4 @@ def build_upload_tab(services: Services, session: gr.State, base_model: gr.Dropd
     suggest.click(lambda noun: suggest_trigger(services.tokenizer(), noun or "subject"), class_noun, trigger,
                   api_name="suggest_trigger")
     return {"files": files, "class_noun": class_noun, "trigger": trigger, "trigger_status": trigger_status,
-            "subject_type": subject_type, "gallery": gallery, "thumbnails": thumbnails}
+            "subject_type": subject_type, "gallery": gallery, "thumbnails": thumbnails, "train_now": train_now}
