@@ -43,7 +43,8 @@ from .device import (
     resolve_base_model_path,
 )
 from .images import SubjectImages, list_image_files, load_subject_images, to_tensor_batch
-from .progress import CancelFlag, ProgressCallback, ProgressEvent
+from .jobs import estimate_run
+from .progress import CancelFlag, EtaClock, ProgressCallback, ProgressEvent
 from .recipes import Recipe, StagePlan, recipe_for
 from .tokens import TriggerError, add_trigger_token, check_trigger
 
@@ -320,6 +321,8 @@ class StageContext:
     steps_before: int
     total_steps: int
     preview_prompt: str
+    clock: EtaClock | None = None  # the run's ETA, shared by its stages
+    stage_index: int = 0  # this stage's place in the clock's plan
 
 
 @dataclass
@@ -500,12 +503,15 @@ def _report_step(stage: StagePlan, ctx: StageContext, step: int, loss_value: flo
         return
     config = ctx.config
     done = ctx.steps_before + step
-    elapsed = time.perf_counter() - ctx.started
-    stage_rate = (time.perf_counter() - stage_started) / step
-    eta = stage_rate * (ctx.total_steps - done)
     preview = None
     if config.preview_interval and (step % config.preview_interval == 0 or step == stage.steps):
         preview = render_preview(ctx.components, config, ctx.preview_prompt, trainable_modules)
+    now = time.perf_counter()
+    elapsed = now - ctx.started
+    if ctx.clock is not None:
+        eta = ctx.clock.step_done(ctx.stage_index, step, now)
+    else:
+        eta = (now - stage_started) / step * (ctx.total_steps - done)
     ctx.report(ProgressEvent(stage.name, done, ctx.total_steps, step, stage.steps, loss_value, elapsed, eta,
                              preview=preview))
 
@@ -667,13 +673,21 @@ def _run_stages(run: _Run, subject_latents: LatentCache, flip_offset: int | None
         # compile's warm-up. The warm-up happens in the first steps and is counted in the training time.
         run.components.unet.compile_repeated_blocks()
     steps_before = 0
-    for stage in run.recipe.stages:
+    clock = eta_clock(run)
+    for index, stage in enumerate(run.recipe.stages):
         ctx = StageContext(run.components, run.config, run.placement, run.accelerator, subject_latents, flip_offset,
                            class_latents, run.trigger_id, run.cancel, run.progress, run.started, steps_before,
-                           run.recipe.total_steps, run.config.sample_prompts()[0])
+                           run.recipe.total_steps, run.config.sample_prompts()[0], clock, index)
         summaries.append(run_stage(stage, ctx))
         steps_before += stage.steps
     return summaries, time.perf_counter() - training_started
+
+
+def eta_clock(run: _Run) -> EtaClock:
+    """The run's ETA, starting from the estimate the app showed before Start (jobs.estimate_run) for this device."""
+    estimate = estimate_run(run.config, run.placement.describe(), run.config.base_model or "")
+    planned = [(stage.steps, estimate.step_s(stage.trainable == "embedding")) for stage in run.recipe.stages]
+    return EtaClock(planned, tail_s=estimate.samples_s)
 
 
 def _write_artifact(run: _Run, result: TrainingResult, overwrite: bool) -> None:

@@ -310,3 +310,21 @@ def test_trainable_parts_freeze_everything_again_even_when_the_stage_fails(tiny_
     assert components.text_encoder.get_input_embeddings() is table
     for module in (components.text_encoder, components.unet, components.vae):
         assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_the_first_eta_is_the_estimate_shown_before_start(tiny_base, subject_dir, tmp_path):
+    """Before any step is measured the ETA comes from the same per-step costs as the page's estimate, not from the
+    first steps' rate (which carries loading and warm-up)."""
+    from personalization.jobs import estimate_run
+    from personalization.trainer import train
+
+    config = TrainingConfig(class_noun="widget", base_model=str(tiny_base), resolution=TINY_RESOLUTION,
+                            stage1_steps=4, stage2_steps=4, sample_count=1)
+    events = []
+    result = train(config, subject_dir, tmp_path / "run", progress=events.append)
+    estimate = estimate_run(result.config, result.hardware, str(tiny_base))
+    steps = [event for event in events if event.loss is not None]
+    first = steps[0]
+    assert first.eta_s == pytest.approx(3 * estimate.embedding_step_s + 4 * estimate.unet_step_s
+                                        + estimate.samples_s)
+    assert steps[-1].eta_s == pytest.approx(estimate.samples_s, abs=1e-6)  # only the samples are left at the end
