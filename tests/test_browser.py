@@ -174,6 +174,10 @@ def test_an_example_thumbnail_then_train_and_show_me(browser_app: Served, tmp_pa
             expect(page.locator("#upload-status")).to_contain_text("5 image(s) ready")
             expect(page.locator("#prepared-gallery img")).to_have_count(5)
             expect(page.locator("#class-noun textarea, #class-noun input").first).to_have_value("heart")
+            page.locator("#subject-files button[aria-label='Remove this file']").first.click()
+            # Out of the list, out of training.
+            expect(page.locator("#upload-status")).to_contain_text("4 image(s) ready")
+            expect(page.locator("#prepared-gallery img")).to_have_count(4)
 
             # Few steps, so the test is quick; everything else stays at the defaults.
             page.get_by_role("tab", name="2 · Train").click()

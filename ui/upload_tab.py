@@ -116,7 +116,15 @@ def build_upload_tab(services: Services, session: gr.State, base_model: gr.Dropd
         return load_example(examples[selected.index], base, session_value)
 
     files.upload(prepare, [files, base_model, session], [gallery, status, session], api_name="prepare_images")
-    files.clear(prepare, [files, base_model, session], [gallery, status, session], api_visibility="undocumented")
+    def remove(files_value: list[str] | None, base: str, session_value: Session | None,
+               deleted: gr.DeletedFileData):
+        # A photo taken out of the list is out of the training set too (the event may still list it).
+        left = [f for f in files_value or [] if f != deleted.file.path]
+        return prepare(left, base, session_value)
+
+    hidden = {"api_visibility": "undocumented"}
+    files.clear(prepare, [files, base_model, session], [gallery, status, session], **hidden)
+    files.delete(remove, [files, base_model, session], [gallery, status, session], **hidden)
     outputs = [gallery, status, class_noun, files, session]
     example.change(load_example, [example, base_model, session], outputs, api_name="load_example")
     thumbnails.select(pick_example, [base_model, session], outputs, api_visibility="undocumented")
