@@ -190,6 +190,8 @@ def test_an_example_thumbnail_then_train_and_show_me(browser_app: Served, tmp_pa
             page.locator("#train-now").click()  # straight from the example to its trained model in new places
             expect(page.get_by_role("tab", name="2 · Train")).to_have_attribute("aria-selected", "true")
             expect(page.locator("#train-samples img").first).to_be_visible(timeout=120_000)
+            samples = page.locator("#train-samples img").count()
+            expect(page.locator("#train-base-samples img")).to_have_count(samples)  # the base, same seeds
             expect(page.locator("#train-result")).to_contain_text("Trained")
         finally:
             context.close()

@@ -3,18 +3,21 @@ prefilled by the preset), the time estimate, Start / Cancel and the streamed pro
 
 from __future__ import annotations
 
+import contextlib
 import html
 from typing import Any
 
 import gradio as gr
 
-from personalization.artifacts import read_artifact
+from personalization.artifacts import ArtifactError, read_artifact
 from personalization.config import TrainingConfig
+from personalization.generation import GenerationRequest
 from personalization.jobs import estimate_seconds, zero_gpu_seconds
 from personalization.methods import DEFAULT_METHOD, method_spec
 from personalization.progress import format_seconds
+from personalization.tokens import strip_trigger
 from ui.fields import FormRadio
-from ui.services import ZERO_GPU, Services, Session
+from ui.services import ZERO_GPU, Services, Session, for_display
 from ui.train_form import build_form, method_choices, wire_form
 from ui.training import INVALID, TrainingRuns, form_to_config, progress_html
 
@@ -30,15 +33,27 @@ def estimate_text(services: Services, values: dict[str, Any], session: Session |
             f"({config.stage1_steps} + {config.stage2_steps} steps).")
 
 
-def trained_samples(session: Session | None) -> dict[str, Any]:
-    """The finished run's sample images (the subject in new places, as its card shows them), or nothing."""
+def trained_samples(services: Services, session: Session | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The finished run's samples (the subject in new places, as its card shows them) and, beside them, the base
+    model for the same prompts and seeds, so what training changed is seen at once; or nothing."""
     job = session.job if session is not None else None
     if job is None or job.result is None:
-        return gr.update(value=None, visible=False)
-    info = read_artifact(job.output_dir)
-    prompts = job.config.sample_prompts()  # sample i was drawn from prompt i, cycling (as the card lists them)
-    gallery = [(str(path), prompts[index % len(prompts)]) for index, path in enumerate(info.sample_files)]
-    return gr.update(value=gallery, visible=bool(gallery))
+        return gr.update(value=None, visible=False), gr.update(value=None, visible=False)
+    config = job.config
+    prompts = config.sample_prompts()  # sample i was drawn from prompt i, cycling, with seed + i (as the card)
+    files = read_artifact(job.output_dir).sample_files
+    samples = [(str(path), prompts[index % len(prompts)]) for index, path in enumerate(files)]
+    try:
+        with services.gpu_lock if ZERO_GPU else contextlib.nullcontext():
+            info = services.generator.apply(job.output_dir, base_model=config.base_model)
+            base = [(for_display(services.generator.generate(GenerationRequest(
+                        prompt=prompts[index % len(prompts)], seed=config.seed + index, steps=config.sample_steps,
+                        guidance_scale=config.guidance_scale, resolution=config.resolution), personalized=False)[0]),
+                     f"base · {strip_trigger(prompts[index % len(prompts)], info.trigger_token)}")
+                    for index in range(len(files))]
+    except (ArtifactError, ValueError, OSError):  # the samples still show; the comparison is a bonus
+        base = []
+    return (gr.update(value=base, visible=bool(base)), gr.update(value=samples, visible=bool(samples)))
 
 
 def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdown,
@@ -58,8 +73,10 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
     with gr.Row():
         preview = gr.Image(label="Preview (fixed seed)", height=256, interactive=False, elem_id="train-preview")
         result = gr.Markdown(elem_id="train-result")
+    base_samples = gr.Gallery(label="Base model: same prompts and seeds, trigger removed", columns=4, height=200,
+                              visible=False, elem_id="train-base-samples")
     samples = gr.Gallery(label="Your subject in new places (the samples its model card shows)", columns=4,
-                         height=220, visible=False, elem_id="train-samples")
+                         height=200, visible=False, elem_id="train-samples")
     form = {"class_noun": upload["class_noun"], "trigger": upload["trigger"], "subject_type": upload["subject_type"],
             "method": method, "stage2_mode": stage2_mode, "base_model": base_model, **widgets}
     names = {component: name for name, component in form.items()}
@@ -91,9 +108,12 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
     run = {"fn": train_function, "inputs": [session], "outputs": [status, preview, result], "inputs_kwargs": form,
            "concurrency_limit": None}
     run_event = start.click(**run, api_name="train")
-    run_event.then(trained_samples, session, samples, api_visibility="undocumented")
+    def show_samples(session_value: Session | None):
+        return trained_samples(services, session_value)
+
+    run_event.then(show_samples, session, [base_samples, samples], api_visibility="undocumented")
     cancel.click(runs.cancel, session, status, api_name="cancel", queue=False)
-    return {"run_event": run_event, "run": run, "samples": samples, "show_samples": trained_samples,
+    return {"run_event": run_event, "run": run, "samples": [base_samples, samples], "show_samples": show_samples,
             "estimate": estimate,
             "show_estimate": show_estimate, "estimate_inputs": {*form.values(), session}}
 
