@@ -105,6 +105,8 @@ def test_click_through_upload_train_generate_and_push(
             expect(page.locator("#train-result")).to_contain_text("Trained", timeout=120_000)
             expect(page.locator("#train-progress")).to_contain_text("Done.")
             expect(page.locator("#train-preview img")).to_have_count(1)  # the last preview stays up
+            expect(page.locator("#train-samples img").first).to_be_visible()  # the run's samples under the base's
+            expect(page.locator("#train-base-samples img")).to_have_count(page.locator("#train-samples img").count())
             prompt = re.search(r"a photo of a \S+ duck", page.locator("#train-result").inner_text())
             assert prompt is not None
             page.screenshot(path=shots / "train.png", full_page=True)
