@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,6 +54,26 @@ def duck_photos(folder: Path, count: int = 4, size: int = 192) -> list[Path]:
     return paths
 
 
+@contextmanager
+def browser_page(url: str, profile: Path, errors: list[str] | None = None) -> Iterator[tuple[Any, Any]]:
+    """A fresh chromium (its own profile) on the app's page; page errors are collected in ``errors``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, viewport=VIEWPORT,
+            device_scale_factor=1)
+        try:
+            context.set_default_timeout(TIMEOUT_MS)
+            page = context.pages[0] if context.pages else context.new_page()
+            if errors is not None:
+                page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            yield context, page
+        finally:
+            context.close()
+
+
 @pytest.fixture(scope="module")
 def browser_app(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     if os.environ.get("SKIP_BROWSER_TESTS") == "1":
@@ -66,7 +88,7 @@ def browser_app(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 def test_click_through_upload_train_generate_and_push(
     browser_app: Served, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     caplog.set_level(logging.DEBUG)
 
@@ -74,71 +96,60 @@ def test_click_through_upload_train_generate_and_push(
     shots = tmp_path / "shots"
     shots.mkdir()
     errors: list[str] = []
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-            viewport=VIEWPORT, device_scale_factor=1,
-        )
-        try:
-            context.set_default_timeout(TIMEOUT_MS)
-            page = context.pages[0] if context.pages else context.new_page()
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(browser_app.url)
+    with browser_page(browser_app.url, tmp_path / "profile", errors) as (context, page):
 
-            # 1 · Upload
-            page.locator("#subject-files input[type=file]").set_input_files([str(p) for p in photos])
-            expect(page.locator("#upload-status")).to_contain_text("4 image(s) ready")
-            expect(page.locator("#prepared-gallery img")).to_have_count(4)
-            page.locator("#class-noun textarea, #class-noun input").first.fill("duck")
-            page.screenshot(path=shots / "upload.png", full_page=True)
+        # 1 · Upload
+        page.locator("#subject-files input[type=file]").set_input_files([str(p) for p in photos])
+        expect(page.locator("#upload-status")).to_contain_text("4 image(s) ready")
+        expect(page.locator("#prepared-gallery img")).to_have_count(4)
+        page.locator("#class-noun textarea, #class-noun input").first.fill("duck")
+        page.screenshot(path=shots / "upload.png", full_page=True)
 
-            # 2 · Train
-            page.get_by_role("tab", name="2 · Train").click()
-            page.get_by_text("Hyperparameters (prefilled by the preset)").click()
-            for label, value in (("Stage 1 / TI steps", "2"), ("U-Net steps", "2"),
-                                 ("Preview every N steps (0: off)", "2")):
-                field = page.get_by_label(label, exact=True)
-                field.fill(value)
-                field.press("Tab")
-            expect(page.locator("#estimate")).to_contain_text("(2 + 2 steps)")
-            page.locator("#start-training").click()
-            expect(page.locator("#train-result")).to_contain_text("Trained", timeout=120_000)
-            expect(page.locator("#train-progress")).to_contain_text("Done.")
-            expect(page.locator("#train-preview img")).to_have_count(1)  # the last preview stays up
-            expect(page.locator("#train-samples img").first).to_be_visible()  # the run's samples under the base's
-            expect(page.locator("#train-base-samples img")).to_have_count(page.locator("#train-samples img").count())
-            prompt = re.search(r"a photo of a \S+ duck", page.locator("#train-result").inner_text())
-            assert prompt is not None
-            page.screenshot(path=shots / "train.png", full_page=True)
+        # 2 · Train
+        page.get_by_role("tab", name="2 · Train").click()
+        page.get_by_text("Hyperparameters (prefilled by the preset)").click()
+        for label, value in (("Stage 1 / TI steps", "2"), ("U-Net steps", "2"),
+                             ("Preview every N steps (0: off)", "2")):
+            field = page.get_by_label(label, exact=True)
+            field.fill(value)
+            field.press("Tab")
+        expect(page.locator("#estimate")).to_contain_text("(2 + 2 steps)")
+        page.locator("#start-training").click()
+        expect(page.locator("#train-result")).to_contain_text("Trained", timeout=120_000)
+        expect(page.locator("#train-progress")).to_contain_text("Done.")
+        expect(page.locator("#train-preview img")).to_have_count(1)  # the last preview stays up
+        expect(page.locator("#train-samples img").first).to_be_visible()  # the run's samples under the base's
+        expect(page.locator("#train-base-samples img")).to_have_count(page.locator("#train-samples img").count())
+        prompt = re.search(r"a photo of a \S+ duck", page.locator("#train-result").inner_text())
+        assert prompt is not None
+        page.screenshot(path=shots / "train.png", full_page=True)
 
-            # 3 · Generate: the new run is already chosen and the prompt suggested
-            page.get_by_role("tab", name="3 · Generate").click()
-            expect(page.locator("#prompt textarea")).to_have_value(f"{prompt.group(0)} on the beach")
-            page.locator("#generate").click()
-            expect(page.locator("#personal-gallery img")).to_have_count(2, timeout=120_000)
-            expect(page.locator("#base-gallery img")).to_have_count(2)
-            page.screenshot(path=shots / "generate.png", full_page=True)
+        # 3 · Generate: the new run is already chosen and the prompt suggested
+        page.get_by_role("tab", name="3 · Generate").click()
+        expect(page.locator("#prompt textarea")).to_have_value(f"{prompt.group(0)} on the beach")
+        page.locator("#generate").click()
+        expect(page.locator("#personal-gallery img")).to_have_count(2, timeout=120_000)
+        expect(page.locator("#base-gallery img")).to_have_count(2)
+        page.screenshot(path=shots / "generate.png", full_page=True)
 
-            # 4 · Hub
-            page.get_by_role("tab", name="4 · Hub").click()
-            expect(page.locator("#repo-name textarea, #repo-name input").first).to_have_value(
-                re.compile(r"duck-.+-two_stage"))
-            page.locator("#hub-token input, #hub-token textarea").first.fill(TOKEN)
-            page.locator("#push").click()
-            link = page.locator("#push-status a")
-            expect(link).to_have_attribute("href", re.compile(rf"^{re.escape(browser_app.hub.endpoint)}/alice/duck-"))
-            expect(page.locator("#push-status")).to_contain_text("Pushed to")
-            page.screenshot(path=shots / "hub.png", full_page=True)
-            page_html = page.content()
-            # Nothing the browser keeps holds the token: Gradio's run history (localStorage, /gradio_api/runs) is off.
-            stored = page.evaluate("""async () => JSON.stringify({
-                local: Object.entries(localStorage), session: Object.entries(sessionStorage),
-                databases: indexedDB.databases ? await indexedDB.databases() : []})""")
-            cookies = str(context.cookies())
-            runs_page = page.goto(f"{browser_app.url}gradio_api/runs")
-            runs_text = f"{runs_page.status if runs_page else ''} {page.content()}"
-        finally:
-            context.close()
+        # 4 · Hub
+        page.get_by_role("tab", name="4 · Hub").click()
+        expect(page.locator("#repo-name textarea, #repo-name input").first).to_have_value(
+            re.compile(r"duck-.+-two_stage"))
+        page.locator("#hub-token input, #hub-token textarea").first.fill(TOKEN)
+        page.locator("#push").click()
+        link = page.locator("#push-status a")
+        expect(link).to_have_attribute("href", re.compile(rf"^{re.escape(browser_app.hub.endpoint)}/alice/duck-"))
+        expect(page.locator("#push-status")).to_contain_text("Pushed to")
+        page.screenshot(path=shots / "hub.png", full_page=True)
+        page_html = page.content()
+        # Nothing the browser keeps holds the token: Gradio's run history (localStorage, /gradio_api/runs) is off.
+        stored = page.evaluate("""async () => JSON.stringify({
+            local: Object.entries(localStorage), session: Object.entries(sessionStorage),
+            databases: indexedDB.databases ? await indexedDB.databases() : []})""")
+        cookies = str(context.cookies())
+        runs_page = page.goto(f"{browser_app.url}gradio_api/runs")
+        runs_text = f"{runs_page.status if runs_page else ''} {page.content()}"
 
     assert errors == []
     out, err = capfd.readouterr()
@@ -159,41 +170,32 @@ def test_click_through_upload_train_generate_and_push(
 
 
 def test_an_example_thumbnail_then_train_and_show_me(browser_app: Served, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-            viewport=VIEWPORT, device_scale_factor=1,
-        )
-        try:
-            context.set_default_timeout(TIMEOUT_MS)
-            page = context.pages[0] if context.pages else context.new_page()
-            page.goto(browser_app.url)
-            thumbnails = page.locator("#example-gallery button img")
-            expect(thumbnails).to_have_count(4)
-            thumbnails.first.click()
-            expect(page.locator("#upload-status")).to_contain_text("5 image(s) ready")
-            expect(page.locator("#prepared-gallery img")).to_have_count(5)
-            expect(page.locator("#class-noun textarea, #class-noun input").first).to_have_value("heart")
-            page.locator("#subject-files button[aria-label='Remove this file']").first.click()
-            # Out of the list, out of training.
-            expect(page.locator("#upload-status")).to_contain_text("4 image(s) ready")
-            expect(page.locator("#prepared-gallery img")).to_have_count(4)
+    with browser_page(browser_app.url, tmp_path / "profile") as (_, page):
+        thumbnails = page.locator("#example-gallery button img")
+        expect(thumbnails).to_have_count(4)
+        thumbnails.first.click()
+        expect(page.locator("#upload-status")).to_contain_text("5 image(s) ready")
+        expect(page.locator("#prepared-gallery img")).to_have_count(5)
+        expect(page.locator("#class-noun textarea, #class-noun input").first).to_have_value("heart")
+        page.locator("#subject-files button[aria-label='Remove this file']").first.click()
+        # Out of the list, out of training.
+        expect(page.locator("#upload-status")).to_contain_text("4 image(s) ready")
+        expect(page.locator("#prepared-gallery img")).to_have_count(4)
 
-            # Few steps, so the test is quick; everything else stays at the defaults.
-            page.get_by_role("tab", name="2 · Train").click()
-            page.get_by_text("Hyperparameters (prefilled by the preset)").click()
-            for label in ("Stage 1 / TI steps", "U-Net steps"):
-                page.get_by_label(label, exact=True).fill("3")
-                page.get_by_label(label, exact=True).press("Tab")
-            expect(page.locator("#estimate")).to_contain_text("(3 + 3 steps)")
-            page.get_by_role("tab", name="1 · Upload").click()
-            page.locator("#train-now").click()  # straight from the example to its trained model in new places
-            expect(page.get_by_role("tab", name="2 · Train")).to_have_attribute("aria-selected", "true")
-            expect(page.locator("#train-samples img").first).to_be_visible(timeout=120_000)
-            samples = page.locator("#train-samples img").count()
-            expect(page.locator("#train-base-samples img")).to_have_count(samples)  # the base, same seeds
-            expect(page.locator("#train-result")).to_contain_text("Trained")
-        finally:
-            context.close()
+        # Few steps, so the test is quick; everything else stays at the defaults.
+        page.get_by_role("tab", name="2 · Train").click()
+        page.get_by_text("Hyperparameters (prefilled by the preset)").click()
+        for label in ("Stage 1 / TI steps", "U-Net steps"):
+            page.get_by_label(label, exact=True).fill("3")
+            page.get_by_label(label, exact=True).press("Tab")
+        expect(page.locator("#estimate")).to_contain_text("(3 + 3 steps)")
+        page.get_by_role("tab", name="1 · Upload").click()
+        page.locator("#train-now").click()  # straight from the example to its trained model in new places
+        expect(page.get_by_role("tab", name="2 · Train")).to_have_attribute("aria-selected", "true")
+        expect(page.locator("#train-samples img").first).to_be_visible(timeout=120_000)
+        samples = page.locator("#train-samples img").count()
+        expect(page.locator("#train-base-samples img")).to_have_count(samples)  # the base, same seeds
+        expect(page.locator("#train-result")).to_contain_text("Trained")
+

@@ -3,7 +3,6 @@ the same seed."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from personalization.device import portable_base_model
 from personalization.generation import GenerationRequest
 from personalization.tokens import strip_trigger
 from ui.fields import FormDropdown, FormNumber, FormSlider, FormText, PromptText, UserError
-from ui.services import ZERO_GPU, Services, Session, for_display, warning
+from ui.services import Services, Session, for_display, warning
 
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 DEFAULTS = GenerationRequest(prompt="")
@@ -105,7 +104,7 @@ def generate(services: Services, choice: str | None, prompt_text: str, negative_
                                     steps=int(steps_value), guidance_scale=float(guidance_value),
                                     lora_scale=float(scale), num_images=int(images)).validate()
         folder = resolve_source(session, choice)
-        with services.gpu_lock if ZERO_GPU else contextlib.nullcontext():
+        with services.generation_lock():
             base = base_for(services, read_artifact(folder), services.checked_base(base_model))
             info = services.generator.apply(folder, base_model=base)
             request.resolution = info.config.get("resolution")

@@ -3,6 +3,7 @@ browser session's state."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import os
@@ -77,6 +78,11 @@ class Services:
             return session
         self.cleaner.maybe_clean(self.work_root)
         return Session(Workspace(self.work_root))
+
+    def generation_lock(self) -> contextlib.AbstractContextManager:
+        """Held while generating: on ZeroGPU the GPU is the training's too; elsewhere generations share the one
+        base pipeline through their own queue (concurrency 1), so nothing more is needed."""
+        return self.gpu_lock if ZERO_GPU else contextlib.nullcontext()
 
     def tokenizer(self):
         return bundled_tokenizer()

@@ -3,7 +3,6 @@ prefilled by the preset), the time estimate, Start / Cancel and the streamed pro
 
 from __future__ import annotations
 
-import contextlib
 import html
 from typing import Any
 
@@ -12,7 +11,7 @@ import gradio as gr
 from personalization.artifacts import ArtifactError, read_artifact
 from personalization.config import TrainingConfig
 from personalization.generation import GenerationRequest
-from personalization.jobs import estimate_seconds, zero_gpu_seconds
+from personalization.jobs import TrainingJob, estimate_seconds, zero_gpu_seconds
 from personalization.methods import DEFAULT_METHOD, method_spec
 from personalization.progress import format_seconds
 from personalization.tokens import strip_trigger
@@ -39,21 +38,27 @@ def trained_samples(services: Services, session: Session | None) -> tuple[dict[s
     job = session.job if session is not None else None
     if job is None or job.result is None:
         return gr.update(value=None, visible=False), gr.update(value=None, visible=False)
-    config = job.config
-    prompts = config.sample_prompts()  # sample i was drawn from prompt i, cycling, with seed + i (as the card)
     files = read_artifact(job.output_dir).sample_files
-    samples = [(str(path), prompts[index % len(prompts)]) for index, path in enumerate(files)]
+    prompts = job.config.sample_prompts()
+    drawn = [prompts[index % len(prompts)] for index in range(len(files))]  # sample i: prompt i cycling, seed + i
+    samples = [(str(path), prompt) for path, prompt in zip(files, drawn, strict=True)]
     try:
-        with services.gpu_lock if ZERO_GPU else contextlib.nullcontext():
-            info = services.generator.apply(job.output_dir, base_model=config.base_model)
-            base = [(for_display(services.generator.generate(GenerationRequest(
-                        prompt=prompts[index % len(prompts)], seed=config.seed + index, steps=config.sample_steps,
-                        guidance_scale=config.guidance_scale, resolution=config.resolution), personalized=False)[0]),
-                     f"base · {strip_trigger(prompts[index % len(prompts)], info.trigger_token)}")
-                    for index in range(len(files))]
+        base = base_images(services, job, drawn)
     except (ArtifactError, ValueError, OSError):  # the samples still show; the comparison is a bonus
         base = []
-    return (gr.update(value=base, visible=bool(base)), gr.update(value=samples, visible=bool(samples)))
+    return gr.update(value=base, visible=bool(base)), gr.update(value=samples, visible=bool(samples))
+
+
+def base_images(services: Services, job: TrainingJob, prompts: list[str]) -> list[tuple[Any, str]]:
+    """The base model's image for each sample's prompt and seed (the trigger left out, as on the Generate tab)."""
+    config = job.config
+    with services.generation_lock():
+        info = services.generator.apply(job.output_dir, base_model=config.base_model)
+        requests = [GenerationRequest(prompt=prompt, seed=config.seed + index, steps=config.sample_steps,
+                                      guidance_scale=config.guidance_scale, resolution=config.resolution)
+                    for index, prompt in enumerate(prompts)]
+        return [(for_display(services.generator.generate(request, personalized=False)[0]),
+                 f"base · {strip_trigger(request.prompt, info.trigger_token)}") for request in requests]
 
 
 def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdown,
