@@ -29,6 +29,7 @@ from .artifacts import CARD_FILE, scratch_beside
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 FALLBACK_REPO_NAME = "personalized-model"
+DEFAULT_COMMIT_MESSAGE = "Upload personalized model"
 MAX_REPO_NAME_LENGTH = 96
 
 # Applied by huggingface_hub with fnmatch on the path relative to the folder, where "*" also crosses "/";
@@ -126,8 +127,8 @@ def push_artifact(folder: Path, repo: str, token: str, *, private: bool = True, 
     folder = Path(folder)
     _check_pushable(folder, token)
     repo_id = resolve_repo_id(repo, token, endpoint=endpoint)
-    card = card_for_repo(folder, repo_id)
-    return push_folder(folder, repo_id, token, private=private, endpoint=endpoint, replaced_files={CARD_FILE: card})
+    return _upload(folder, repo_id, token, private=private, endpoint=_endpoint(endpoint),
+                   commit_message=DEFAULT_COMMIT_MESSAGE, replaced_files={CARD_FILE: card_for_repo(folder, repo_id)})
 
 
 def push_folder(
@@ -137,24 +138,30 @@ def push_folder(
     *,
     private: bool = True,
     endpoint: str | None = None,
-    commit_message: str = "Upload personalized model",
-    replaced_files: dict[str, bytes] | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
 ) -> str:
     """Upload `folder` to a model repo on the Hub, creating the repo if needed; return the repo's URL.
 
     A bare name is put under the token owner's account. Checkpoint folders, optimizer state, `*.tmp` and hidden
-    files are left out; `replaced_files` (path in repo -> content) are uploaded instead of the local files of that
-    name. The local folder is only read, so a failed push can simply be retried.
+    files are left out. The local folder is only read, so a failed push can simply be retried.
     `private` only applies when the repo is created; an existing repo keeps its visibility.
     """
     folder = Path(folder)
     _check_pushable(folder, token)
     endpoint = _endpoint(endpoint)
     repo_id = resolve_repo_id(repo_name_or_id, token, endpoint=endpoint)
+    return _upload(folder, repo_id, token, private=private, endpoint=endpoint, commit_message=commit_message,
+                   replaced_files={})
+
+
+def _upload(folder: Path, repo_id: str, token: str, *, private: bool, endpoint: str, commit_message: str,
+            replaced_files: dict[str, bytes]) -> str:
+    """Create the repo if needed and upload `folder`, `replaced_files` (path in repo -> content) standing in for
+    the local files of those names; the checks and the repo id are the caller's."""
     api = HfApi(endpoint=endpoint, token=token)
     try:
         _create_repo_if_missing(api, repo_id, private=private)
-        with _upload_view(folder, replaced_files or {}) as view:
+        with _upload_view(folder, replaced_files) as view:
             api.upload_folder(repo_id=repo_id, folder_path=view, repo_type="model", commit_message=commit_message,
                               ignore_patterns=list(PUSH_IGNORE_PATTERNS), token=token)
     except Exception as err:
