@@ -31,6 +31,10 @@ if TYPE_CHECKING:  # the models and images only pass through; importing diffuser
     from transformers import CLIPTextModel
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
+# SDXL learns the trigger in both text encoders: one file, one tensor per encoder under the keys SDXL users already
+# load (AUTOMATIC1111's and ComfyUI's SDXL embeddings use the same keys).
+SDXL_EMBEDDINGS_FILE = "learned_embeds_sdxl.safetensors"
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_DIR = "unet"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -73,6 +77,7 @@ class ArtifactInfo:
     has_unet: bool
     has_text_encoder: bool
     config: dict[str, Any]
+    has_sdxl_embeddings: bool = False  # the embeddings are SDXL's two-encoder file (has_embeddings is set too)
 
     @property
     def sample_files(self) -> list[Path]:
@@ -81,12 +86,28 @@ class ArtifactInfo:
 
 
 # ---- writers: what a training run puts in the folder -----------------------------------------------------------------
-def save_embedding(folder: Path, trigger_token: str, vector: torch.Tensor) -> Path:
+# A learned trigger: one vector (SD-1.5), or one per text encoder keyed as in SDXL_EMBEDDING_KEYS (SDXL).
+TriggerVectors = torch.Tensor | dict[str, torch.Tensor]
+
+
+def save_embedding(folder: Path, trigger_token: str, vector: TriggerVectors) -> Path:
     """Write ``learned_embeds.safetensors`` with one key, the trigger, so ``load_textual_inversion(dir)`` needs no
-    ``token=`` argument. The vector is stored as float32 [num_vectors, hidden]."""
+    ``token=`` argument; or, for SDXL's two vectors, ``learned_embeds_sdxl.safetensors`` with ``clip_l`` and
+    ``clip_g`` (loaded with one ``load_textual_inversion`` call per encoder, as the card shows). Vectors are stored
+    as float32 [num_vectors, hidden]."""
+    if isinstance(vector, dict):
+        path = folder / SDXL_EMBEDDINGS_FILE
+        save_file(_sdxl_embedding_tensors(vector), str(path))
+        return path
     path = folder / EMBEDDINGS_FILE
     save_file({trigger_token: _embedding_tensor(vector)}, str(path))
     return path
+
+
+def _sdxl_embedding_tensors(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if tuple(vectors) != SDXL_EMBEDDING_KEYS:
+        raise ValueError(f"SDXL embeddings need the keys {SDXL_EMBEDDING_KEYS}, got {tuple(vectors)}")
+    return {key: _embedding_tensor(value) for key, value in vectors.items()}
 
 
 def _embedding_tensor(vector: torch.Tensor) -> torch.Tensor:
@@ -179,16 +200,19 @@ def webui_lora_file(trigger_token: str) -> str:
     return webui_name(trigger_token) + WEBUI_LORA_SUFFIX
 
 
-def save_webui_copies(folder: Path, trigger_token: str, vector: torch.Tensor | None,
+def save_webui_copies(folder: Path, trigger_token: str, vector: TriggerVectors | None,
                       unet_lora_layers: dict[str, torch.Tensor] | None) -> list[Path]:
-    """Copies for AUTOMATIC1111 / ComfyUI users: the embedding as ``<name>_emb.safetensors`` ({"emb_params": ...})
-    and the LoRA in kohya naming as ``<name>_lora_kohya.safetensors``. Diffusers ignores both files."""
+    """Copies for AUTOMATIC1111 / ComfyUI users: the embedding as ``<name>_emb.safetensors`` ({"emb_params": ...};
+    for SDXL {"clip_l": ..., "clip_g": ...}, those programs' SDXL convention) and the LoRA in kohya naming as
+    ``<name>_lora_kohya.safetensors``. Diffusers ignores both files."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 
     written = []
     if vector is not None:
         path = folder / webui_embedding_file(trigger_token)
-        save_file({"emb_params": _embedding_tensor(vector)}, str(path))
+        tensors = _sdxl_embedding_tensors(vector) if isinstance(vector, dict) else {
+            "emb_params": _embedding_tensor(vector)}
+        save_file(tensors, str(path))
         written.append(path)
     if unet_lora_layers:
         peft_layers = convert_unet_state_dict_to_peft(dict(unet_lora_layers))
@@ -208,13 +232,18 @@ def read_artifact(folder: Path | str) -> ArtifactInfo:
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such artifact folder")
     config = _read_config(folder)
-    has_embeddings = (folder / EMBEDDINGS_FILE).is_file()
+    has_sdxl_embeddings = (folder / SDXL_EMBEDDINGS_FILE).is_file()
+    has_embeddings = (folder / EMBEDDINGS_FILE).is_file() or has_sdxl_embeddings
     has_lora = (folder / LORA_FILE).is_file()
     has_unet = (folder / UNET_DIR / "config.json").is_file()
     has_text_encoder = (folder / TEXT_ENCODER_DIR / "config.json").is_file()
     if not (has_embeddings or has_lora or has_unet or has_text_encoder):
         raise ArtifactError(f"{folder.name}: holds no weights ({EMBEDDINGS_FILE}, {LORA_FILE} or {UNET_DIR}/)")
-    if has_embeddings and len(keys := _safetensors_keys(folder, EMBEDDINGS_FILE)) != 1:
+    if has_sdxl_embeddings and sorted(keys := _safetensors_keys(folder, SDXL_EMBEDDINGS_FILE)) != sorted(
+            SDXL_EMBEDDING_KEYS):
+        raise ArtifactError(f"{folder.name}/{SDXL_EMBEDDINGS_FILE} must hold {' and '.join(SDXL_EMBEDDING_KEYS)}, "
+                            f"found {', '.join(keys) or 'nothing'}")
+    if has_embeddings and not has_sdxl_embeddings and len(keys := _safetensors_keys(folder, EMBEDDINGS_FILE)) != 1:
         # load_textual_inversion(dir) without token= only works with one key, and the key is the trigger
         raise ArtifactError(f"{folder.name}/{EMBEDDINGS_FILE} must hold exactly one trigger, found {len(keys)}")
     if has_lora and not _safetensors_keys(folder, LORA_FILE):
@@ -226,7 +255,7 @@ def read_artifact(folder: Path | str) -> ArtifactInfo:
         trigger_token=trigger, class_noun=noun,
         instance_prompt=instance_phrase(trigger, noun, str(config.get("subject_type") or "object")),
         has_embeddings=has_embeddings, has_lora=has_lora, has_unet=has_unet, has_text_encoder=has_text_encoder,
-        config=config,
+        config=config, has_sdxl_embeddings=has_sdxl_embeddings,
     )
 
 

@@ -29,9 +29,9 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from . import artifacts
+from . import artifacts, families
 from .config import TrainingConfig
 from .device import (
     Placement,
@@ -42,18 +42,19 @@ from .device import (
     portable_base_model,
     resolve_base_model_path,
 )
+from .families import Conditioning, Family
 from .images import SubjectImages, list_image_files, load_subject_images, to_tensor_batch
 from .jobs import estimate_run
 from .progress import CancelFlag, EtaClock, ProgressCallback, ProgressEvent
 from .recipes import Recipe, StagePlan, recipe_for
-from .tokens import TriggerError, add_trigger_token, check_trigger
+from .tokens import TriggerError, add_trigger_tokens, check_trigger
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @dataclass
 class Components:
-    """The parts of a Stable-Diffusion pipeline that training touches."""
+    """The parts of a Stable-Diffusion pipeline that training touches; SDXL's second tokenizer and encoder too."""
 
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
@@ -61,10 +62,21 @@ class Components:
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
     sampling_scheduler: SchedulerMixin
+    family: Family = families.SD15
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
 
 
 @dataclass
@@ -97,20 +109,27 @@ def default_resolution(base_model_path: str) -> int:
 
 def load_components(base_model_path: str, placement: Placement, *,
                     tokenizer: CLIPTokenizer | None = None) -> Components:
-    """Load the base model's parts in fp32 (master weights; autocast does the low-precision compute).
+    """Load the base model's parts in fp32 (master weights; autocast does the low-precision compute). The VAE stays
+    fp32 on every family: it only runs outside autocast (the latent caches, sample decoding), so SDXL's VAE, which
+    overflows in fp16, never runs in fp16 here.
 
     ``tokenizer``: one already read from this base (the early trigger check's), so it is not read twice.
     """
-    if tokenizer is None:
-        tokenizer = CLIPTokenizer.from_pretrained(base_model_path, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base_model_path, subfolder="text_encoder", dtype=torch.float32)
+    family = families.detect_family(base_model_path)
+    first, *others = [folder for folder, _, _ in family.encoders]
+    tokenizers = [tokenizer or CLIPTokenizer.from_pretrained(base_model_path, subfolder=first)]
+    tokenizers += [CLIPTokenizer.from_pretrained(base_model_path, subfolder=folder) for folder in others]
+    encoders = [family.encoder_type(name).from_pretrained(base_model_path, subfolder=folder, dtype=torch.float32)
+                for _, folder, name in family.encoders]
     vae = AutoencoderKL.from_pretrained(base_model_path, subfolder="vae", dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(base_model_path, subfolder="unet", dtype=torch.float32)
     noise_scheduler = DDPMScheduler.from_pretrained(base_model_path, subfolder="scheduler")
-    for module in (text_encoder, vae, unet):
+    for module in (*encoders, vae, unet):
         module.requires_grad_(False)
         module.to(placement.device)
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, load_sampling_scheduler(base_model_path))
+    second = {"tokenizer_2": tokenizers[1], "text_encoder_2": encoders[1]} if len(encoders) > 1 else {}
+    return Components(tokenizers[0], encoders[0], vae, unet, noise_scheduler,
+                      load_sampling_scheduler(base_model_path), family, **second)
 
 
 def load_sampling_scheduler(base_model_path: str) -> SchedulerMixin:
@@ -126,13 +145,14 @@ def eager_sampling() -> contextlib.AbstractContextManager:
     return torch.compiler.set_stance("force_eager")
 
 
-def sampling_pipeline(components: Components) -> StableDiffusionPipeline:
+def sampling_pipeline(components: Components) -> diffusers.DiffusionPipeline:
     """A pipeline around the in-memory modules (no copy), with the base model's own sampler."""
     scheduler = components.sampling_scheduler.__class__.from_config(components.sampling_scheduler.config)
-    pipeline = StableDiffusionPipeline(
+    second = {"text_encoder_2": components.text_encoder_2, "tokenizer_2": components.tokenizer_2}
+    pipeline = components.family.pipeline_type(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        unet=components.unet, scheduler=scheduler, **(second if components.text_encoder_2 is not None else {}),
+        **components.family.pipeline_options,
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -159,19 +179,13 @@ class LatentCache:
 def encode_images(vae: AutoencoderKL, images: Sequence[Image.Image], device: torch.device) -> LatentCache:
     pixels = torch.from_numpy(to_tensor_batch(images)).to(device)
     means, stds = [], []
-    for chunk in pixels.split(8):
+    # 8 images at 512 px per call; fewer at larger sizes, where the fp32 encoder's activations grow with the pixels.
+    for chunk in pixels.split(max(1, 8 * 512**2 // (pixels.shape[-1] * pixels.shape[-2]))):
         posterior = vae.encode(chunk).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     scale = vae.config.scaling_factor
     return LatentCache(torch.cat(means) * scale, torch.cat(stds) * scale)
-
-
-def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    return tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
 
 
 def class_image_cache_dir(base_model: str, class_prompt: str, count: int, resolution: int, seed: int) -> Path:
@@ -214,7 +228,7 @@ def generate_class_images(
 
 # ---- the loss --------------------------------------------------------------------------------------------------
 def diffusion_loss(
-    unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, conditioning: torch.Tensor,
+    unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, conditioning: Conditioning,
     generator: torch.Generator, snr_gamma: float | None,
 ) -> torch.Tensor:
     """Per-sample denoising loss (epsilon or v target, as the base model was trained), min-SNR weighted."""
@@ -223,7 +237,8 @@ def diffusion_loss(
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
     timesteps = timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, conditioning).sample.float()
+    prediction = unet(noisy, timesteps, conditioning.encoder_hidden_states,
+                      added_cond_kwargs=conditioning.added_cond_kwargs).sample.float()
     prediction_type = scheduler.config.prediction_type
     target = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
     per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -288,7 +303,8 @@ def _fit_memory(config: TrainingConfig, recipe: Recipe, comps: Components, place
     plan = plan_memory(sum(p.numel() for p in comps.unet.parameters()), gpu_memory_bytes(placement.device),
                        full_unet="unet_full" in trains_unet, gradient_checkpointing=config.gradient_checkpointing,
                        use_8bit_adam=config.use_8bit_adam,
-                       bitsandbytes_available=importlib.util.find_spec("bitsandbytes") is not None)
+                       bitsandbytes_available=importlib.util.find_spec("bitsandbytes") is not None,
+                       family=comps.family)
     if plan.note is None:
         return config
     notes.append(plan.note)
@@ -331,22 +347,24 @@ class TrainableParts:
     optimizer, and the plain modules that have trainable weights (put in eval mode for previews)."""
 
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: tuple[torch.nn.Module, ...]  # one per tokenizer (SDXL: two)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     modules: list[torch.nn.Module]
 
 
-def _unfreeze(stage: StagePlan, ctx: StageContext) -> tuple[list[torch.nn.Parameter], TriggerEmbedding | None]:
-    """Give gradients to what ``stage`` moves; return its parameters and the spliced trigger row, if any."""
+def _unfreeze(stage: StagePlan, ctx: StageContext) -> tuple[list[torch.nn.Parameter], list[TriggerEmbedding]]:
+    """Give gradients to what ``stage`` moves; return its parameters and the spliced trigger rows (one per text
+    encoder: SDXL learns the trigger in both), if any."""
     comps = ctx.components
-    spliced: TriggerEmbedding | None = None
+    spliced: list[TriggerEmbedding] = []
     if stage.trainable == "embedding":
         if ctx.trigger_id is None:
             raise ValueError(f"{stage.name}: no trigger token to train")
-        spliced = TriggerEmbedding(comps.text_encoder.get_input_embeddings(), ctx.trigger_id)
-        comps.text_encoder.set_input_embeddings(spliced)
-        params = [spliced.vector]
+        for encoder in comps.text_encoders:
+            spliced.append(TriggerEmbedding(encoder.get_input_embeddings(), ctx.trigger_id))
+            encoder.set_input_embeddings(spliced[-1])
+        params = [row.vector for row in spliced]
     elif stage.trainable == "unet_lora":
         _add_unet_lora(comps.unet, ctx.config)
         params = [p for p in comps.unet.parameters() if p.requires_grad]
@@ -377,18 +395,18 @@ def trainable_parts(stage: StagePlan, ctx: StageContext) -> Iterator[TrainablePa
     optimizer = accelerator.prepare_optimizer(optimizer)
     # Data-parallel runs (accelerate launch) need the trainable modules wrapped so gradients are averaged; a single
     # process keeps the plain modules, so what is saved is exactly what was trained.
-    unet, text_encoder = comps.unet, comps.text_encoder
+    unet, text_encoders = comps.unet, comps.text_encoders
     if accelerator.num_processes > 1:
         if trains_unet:
             unet = accelerator.prepare_model(comps.unet)
         if not trains_unet or stage.train_text_encoder:
-            text_encoder = accelerator.prepare_model(comps.text_encoder)
-    modules = [m for m in (comps.unet, comps.text_encoder) if any(p.requires_grad for p in m.parameters())]
+            text_encoders = tuple(accelerator.prepare_model(encoder) for encoder in text_encoders)
+    modules = [m for m in (comps.unet, *comps.text_encoders) if any(p.requires_grad for p in m.parameters())]
     try:
-        yield TrainableParts(unet, text_encoder, params, optimizer, modules)
+        yield TrainableParts(unet, text_encoders, params, optimizer, modules)
     finally:
-        if spliced is not None:
-            comps.text_encoder.set_input_embeddings(spliced.write_back())
+        for encoder, row in zip(comps.text_encoders, spliced, strict=False):
+            encoder.set_input_embeddings(row.write_back())
         for module in modules:
             module.requires_grad_(False)
             module.eval()
@@ -402,20 +420,24 @@ class Batches:
     Subject batches hold min(max_batch_size, image count) different images: a shuffled order is walked a batch at a
     time and reshuffled when less than a batch is left. With flips, each image is its mirrored copy (cached after the
     originals) half of the time. Each image gets one of the stage's prompts at random. Class batches (prior
-    preservation) hold as many class images, each with the class prompt. Conditionings are computed once when the
-    text side is frozen, else by ``text_encoder`` at each step (under the caller's autocast, so gradients reach it).
+    preservation) hold as many class images, each with the class prompt. Conditionings (:class:`Conditioning`, as
+    the base model's family computes them) are computed once when the text side is frozen, else by ``text_encoders``
+    at each step (under the caller's autocast, so gradients reach them).
     """
 
-    def __init__(self, stage: StagePlan, ctx: StageContext, text_encoder: torch.nn.Module,
+    def __init__(self, stage: StagePlan, ctx: StageContext, text_encoders: Sequence[torch.nn.Module],
                  generator: torch.Generator) -> None:
-        tokenizer, self.device = ctx.components.tokenizer, ctx.placement.device
-        self.text_encoder, self.generator = text_encoder, generator
+        tokenizers, self.device = ctx.components.tokenizers, ctx.placement.device
+        # The size the cached latents were encoded at: what SDXL's time ids must say.
+        self.family = ctx.components.family
+        self.resolution = ctx.subject_latents.mean.shape[-1] * ctx.components.vae_scale_factor
+        self.text_encoders, self.generator = tuple(text_encoders), generator
         self.latents, self.flip_offset = ctx.subject_latents, ctx.flip_offset
-        self.prompt_ids = tokenize(tokenizer, stage.prompts, self.device)
+        self.prompt_ids = families.prompt_ids(tokenizers, stage.prompts, self.device)
         self.cached_conditioning = self._frozen(self.prompt_ids) if stage.text_frozen else None
         self.class_latents = ctx.class_latents if stage.prior_preservation else None
         if self.class_latents is not None:
-            self.class_ids = tokenize(tokenizer, [ctx.config.class_prompt], self.device)
+            self.class_ids = families.prompt_ids(tokenizers, [ctx.config.class_prompt], self.device)
             self.cached_class_conditioning = self._frozen(self.class_ids) if stage.text_frozen else None
         self.image_count = self.flip_offset if self.flip_offset is not None else len(self.latents)
         self.size = min(ctx.config.max_batch_size, self.image_count)
@@ -426,9 +448,12 @@ class Batches:
     def prior_preservation(self) -> bool:
         return self.class_latents is not None
 
+    def encode(self, input_ids: torch.Tensor) -> Conditioning:
+        return families.encode(self.family, self.text_encoders, input_ids, self.resolution)
+
     @torch.no_grad()
-    def _frozen(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0]
+    def _frozen(self, input_ids: torch.Tensor) -> Conditioning:
+        return self.encode(input_ids)
 
     def subject(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next subject batch: its latents and the index of each image's prompt."""
@@ -443,20 +468,20 @@ class Batches:
         prompt_index = torch.randint(0, len(self.prompt_ids), (self.size,), generator=self.generator)
         return latents, prompt_index
 
-    def conditioning(self, prompt_index: torch.Tensor) -> torch.Tensor:
+    def conditioning(self, prompt_index: torch.Tensor) -> Conditioning:
         """The text conditioning of the prompts ``subject`` chose."""
         if self.cached_conditioning is not None:
             return self.cached_conditioning[prompt_index.to(self.device)]
-        return self.text_encoder(self.prompt_ids[prompt_index.to(self.device)])[0]
+        return self.encode(self.prompt_ids[prompt_index.to(self.device)])
 
-    def classes(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def classes(self) -> tuple[torch.Tensor, Conditioning]:
         """A prior-preservation batch: class-image latents and the class prompt's conditioning."""
         assert self.class_latents is not None, "the stage has no prior preservation"
         class_index = torch.randint(0, len(self.class_latents), (self.size,), generator=self.generator)
         latents = self.class_latents.sample(class_index, self.generator)
         if self.cached_class_conditioning is None:
-            return latents, self.text_encoder(self.class_ids.expand(self.size, -1))[0]
-        return latents, self.cached_class_conditioning.expand(self.size, -1, -1)
+            return latents, self.encode(self.class_ids.expand(self.size, *self.class_ids.shape[1:]))
+        return latents, self.cached_class_conditioning.expand(self.size)
 
 
 def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
@@ -467,7 +492,7 @@ def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
     generator = torch.Generator("cpu").manual_seed(config.seed + ctx.steps_before + process_offset)
     loss_value: float | None = None
     with trainable_parts(stage, ctx) as parts:
-        batches = Batches(stage, ctx, parts.text_encoder, generator)
+        batches = Batches(stage, ctx, parts.text_encoders, generator)
         stage_started = time.perf_counter()
         for step in range(1, stage.steps + 1):
             ctx.cancel.raise_if_cancelled()
@@ -603,6 +628,7 @@ def _check_inputs(
     base_model = config.base_model
     base_path = resolve_base_model_path(base_model)
     resolution = config.resolution or default_resolution(base_path)
+    families.check_options(families.detect_family(base_path), config.train_text_encoder)
     if not isinstance(subject_images, SubjectImages):
         subject_images = load_subject_images(subject_images, resolution, center_crop=config.center_crop)
     else:
@@ -628,8 +654,8 @@ def _load(config: TrainingConfig, base_path: str, tokenizer: CLIPTokenizer, plac
 
     trigger_id = None
     if recipe.learns_token:
-        trigger_id = add_trigger_token(comps.tokenizer, comps.text_encoder, config.trigger_token,
-                                       config.init_word)
+        trigger_id = add_trigger_tokens(comps.tokenizers, comps.text_encoders, config.trigger_token,
+                                        config.init_word)
     return _Run(config, recipe, placement, accelerator, comps, trigger_id, notes, cancel, progress, started)
 
 
@@ -702,7 +728,8 @@ def _write_artifact(run: _Run, result: TrainingResult, overwrite: bool) -> None:
         artifacts.save_config(staging, saved)
         result.seconds_total = time.perf_counter() - run.started
         artifacts.save_summary(staging, summary_dict(result))
-        write_model_card(staging, TrainingConfig.from_dict(saved), summary_dict(result), sample_names)
+        write_model_card(staging, TrainingConfig.from_dict(saved), summary_dict(result), sample_names,
+                         family=run.components.family)
     result.sample_files = [result.output_dir / artifacts.SAMPLES_DIR / name for name in sample_names]
 
 
@@ -752,7 +779,7 @@ def _write_weights(comps: Components, config: TrainingConfig, recipe: Recipe, tr
                    folder: Path) -> None:
     vector = None
     if recipe.learns_token and trigger_id is not None:
-        vector = comps.text_encoder.get_input_embeddings().weight[trigger_id]
+        vector = trigger_vectors(comps, trigger_id)
         artifacts.save_embedding(folder, config.trigger_token, vector)
     if not config.trains_unet:
         artifacts.save_webui_copies(folder, config.trigger_token, vector, None)
@@ -769,3 +796,12 @@ def _write_weights(comps: Components, config: TrainingConfig, recipe: Recipe, tr
     artifacts.save_unet(folder, comps.unet)
     if config.train_text_encoder:
         artifacts.save_text_encoder(folder, comps.text_encoder)
+
+
+def trigger_vectors(comps: Components, trigger_id: int) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The learned trigger row: SD-1.5's one vector, or one per text encoder keyed as the family's embedding file
+    stores them (SDXL: clip_l, clip_g)."""
+    rows = [encoder.get_input_embeddings().weight[trigger_id] for encoder in comps.text_encoders]
+    if not comps.family.embedding_keys:
+        return rows[0]
+    return dict(zip(comps.family.embedding_keys, rows, strict=True))
