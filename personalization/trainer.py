@@ -297,9 +297,8 @@ def _make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: f
 def _fit_memory(config: TrainingConfig, recipe: Recipe, comps: Components, placement: Placement,
                 notes: list[str]) -> TrainingConfig:
     """Switch on gradient checkpointing / 8-bit Adam where the card is too small for the recipe as configured."""
+    # An embedding stage backpropagates through the whole U-Net too: its activations are a LoRA step's.
     trains_unet = [stage.trainable for stage in recipe.stages if stage.trainable != "embedding"]
-    if not trains_unet:
-        return config
     plan = plan_memory(sum(p.numel() for p in comps.unet.parameters()), gpu_memory_bytes(placement.device),
                        full_unet="unet_full" in trains_unet, gradient_checkpointing=config.gradient_checkpointing,
                        use_8bit_adam=config.use_8bit_adam,
@@ -387,7 +386,7 @@ def trainable_parts(stage: StagePlan, ctx: StageContext) -> Iterator[TrainablePa
     comps, config, accelerator = ctx.components, ctx.config, ctx.accelerator
     trains_unet = stage.trainable != "embedding"
     params, spliced = _unfreeze(stage, ctx)
-    if config.gradient_checkpointing and trains_unet:
+    if config.gradient_checkpointing:  # every stage backpropagates through the U-Net (stage 1 to the trigger)
         comps.unet.enable_gradient_checkpointing()
     if trains_unet:
         comps.unet.train()
@@ -410,7 +409,7 @@ def trainable_parts(stage: StagePlan, ctx: StageContext) -> Iterator[TrainablePa
         for module in modules:
             module.requires_grad_(False)
             module.eval()
-        if config.gradient_checkpointing and trains_unet:
+        if config.gradient_checkpointing:
             comps.unet.disable_gradient_checkpointing()
 
 

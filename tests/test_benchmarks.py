@@ -45,3 +45,15 @@ def test_quality_benchmark_resumes_from_its_json_file(tmp_path):
     assert [(row["subject"], row["seed"]) for row in rows] == [("striped_star", 0), ("dotted_heart", 0)]
     assert "| two_stage (lora) | 2 |" in second.stdout
     assert svg.read_text().startswith("<svg")
+
+
+def test_speed_benchmark_runs_sdxl_shapes_with_the_24_gb_plan(tmp_path):
+    """The SDXL path of the benchmark (tiny SDXL shapes here, sdxl-random on a GPU) trains the 24 GB plan's recipe."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", "sdxl-tiny", "--steps", "3",
+         "--recipes", "two_stage (lora) + checkpointing + 8-bit Adam"],
+        capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| two_stage (lora) + checkpointing + 8-bit Adam | stage 2 · U-Net lora |" in result.stdout
+    assert "sdxl-tiny at 64 px" in result.stdout and "reference" not in result.stdout

@@ -135,9 +135,11 @@ def test_dreambooth_text_encoder_training_is_refused_on_sdxl_before_loading(tiny
 
 # ---- every method, and every artifact through plain diffusers -------------------------------------------------------
 RUNS = {
-    "two_stage_lora": ({"method": "two_stage", "stage2_mode": "lora"},
+    # The 24 GB plan (gradient checkpointing in both stages) and the large-card one (8-bit Adam for the full U-Net).
+    "two_stage_lora": ({"method": "two_stage", "stage2_mode": "lora", "gradient_checkpointing": True},
                        {artifacts.SDXL_EMBEDDINGS_FILE, artifacts.LORA_FILE}),
-    "two_stage_full": ({"method": "two_stage", "stage2_mode": "full"}, {artifacts.SDXL_EMBEDDINGS_FILE, "unet"}),
+    "two_stage_full": ({"method": "two_stage", "stage2_mode": "full", "use_8bit_adam": True},
+                       {artifacts.SDXL_EMBEDDINGS_FILE, "unet"}),
     "textual_inversion": ({"method": "textual_inversion"}, {artifacts.SDXL_EMBEDDINGS_FILE}),
     "dreambooth_lora_prior": ({"method": "dreambooth_lora", "prior_preservation": True, "class_images": 2},
                               {artifacts.LORA_FILE}),
@@ -294,3 +296,16 @@ def test_the_app_refuses_a_full_sdxl_unet_on_a_24_gb_card_in_one_sentence(tmp_pa
         check_memory(services(A10G, tmp_path), config)
     check_memory(services(80 * GIB, tmp_path), config)
     check_memory(services(A10G, tmp_path), TrainingConfig(class_noun="dog", base_model=SDXL_HUB_ID).resolved())
+
+
+def test_the_time_estimate_and_the_zero_gpu_duration_cover_sdxl():
+    from personalization.jobs import ZERO_GPU_MAX_SECONDS, estimate_run, training_resolution, zero_gpu_seconds
+
+    assert training_resolution(SDXL_HUB_ID) == 1024
+    sd15 = TrainingConfig(class_noun="dog", base_model=SD15_HUB_ID, resolution=512)
+    sdxl = TrainingConfig(class_noun="dog", base_model=SDXL_HUB_ID, resolution=1024)
+    for card in ("NVIDIA H100 80GB HBM3", "NVIDIA A10G"):
+        small, large = estimate_run(sd15, card, SD15_HUB_ID), estimate_run(sdxl, card, SDXL_HUB_ID)
+        # 4x the pixels and a larger U-Net: each step costs more than 4x SD-1.5's
+        assert large.unet_step_s > 4 * small.unet_step_s and large.embedding_step_s > 4 * small.embedding_step_s
+    assert zero_gpu_seconds(sd15, SD15_HUB_ID) < zero_gpu_seconds(sdxl, SDXL_HUB_ID) <= ZERO_GPU_MAX_SECONDS
