@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from . import artifacts
+
 SD15_KEY = "sd15"
 SDXL_KEY = "sdxl"
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -99,7 +101,7 @@ SDXL = Family(
     key=SDXL_KEY, label="Stable Diffusion XL", pipeline_class="StableDiffusionXLPipeline",
     encoders=(("tokenizer", "text_encoder", "CLIPTextModel"),
               ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection")),
-    embedding_keys=("clip_l", "clip_g"),
+    embedding_keys=artifacts.SDXL_EMBEDDING_KEYS,
     hub_tags=("stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
     memory=MemoryFacts(2567e6, {("full", False): 56.0, ("full", True): 46.0, ("lora", False): 28.0,
                                 ("lora", True): 18.0}),
@@ -108,7 +110,6 @@ SDXL = Family(
     time_conditioning=True,
     fp16_fix_vae=SDXL_FP16_FIX_VAE,
 )
-FAMILIES = {family.key: family for family in (SD15, SDXL)}
 # The pipelines each family trains, as model_index.json names them.
 PIPELINE_CLASSES = {"StableDiffusionPipeline": SD15, "StableDiffusionXLPipeline": SDXL}
 

@@ -151,9 +151,11 @@ class Generator:
                 return
             if info is not None and info.has_lora:
                 pipeline.unload_lora_weights()
-            if info is not None and info.has_embeddings and info.trigger_token in pipeline.tokenizer.get_vocab():
+            if info is not None and info.has_embeddings:
                 for tokenizer, encoder in _text_sides(pipeline, info):
-                    pipeline.unload_textual_inversion(info.trigger_token, tokenizer=tokenizer, text_encoder=encoder)
+                    if info.trigger_token in tokenizer.get_vocab():  # a failed apply may have loaded one side only
+                        pipeline.unload_textual_inversion(info.trigger_token, tokenizer=tokenizer,
+                                                          text_encoder=encoder)
             if self._base_unet is not None:
                 pipeline.unet = self._base_unet
                 self._base_unet = None
