@@ -381,10 +381,13 @@ class TrainingConfig:
                                self.subject_type)
 
     def sample_prompts(self) -> list[str]:
-        """Prompts for the samples on the card: the user's, else the trigger phrase and two new contexts."""
+        """Prompts for the samples (sample i: prompt i, cycling, seed + i): the user's, else the subject in new
+        places, one context per sample. The Train tab's grid and the card's widget show these, so what a user sees
+        after training is what the card shows. Never empty: the trainer's preview draws the first."""
         if self.validation_prompts:
             return list(self.validation_prompts)
-        return [self.instance_prompt(), *self.context_prompts()[:2]]
+        contexts = self.context_prompts()
+        return [contexts[index % len(contexts)] for index in range(max(self.sample_count, 1))]
 
     def context_prompts(self) -> list[str]:
         """The subject in new places, in words the base model knows: backgrounds of the shapes world on the mini

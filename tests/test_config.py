@@ -116,9 +116,25 @@ def test_default_trigger_is_a_bracketed_slug():
 def test_the_mini_world_gets_prompts_in_its_own_vocabulary():
     config = TrainingConfig(class_noun="star", base_model="bundled:mini-shapes").resolved()
     assert config.prompt_templates == ["a photo of a {trigger} {noun}", "a {trigger} {noun}"]
-    assert config.sample_prompts()[1] == "a photo of a <my-star> star on a blue background"
+    assert config.sample_prompts() == [f"a photo of a <my-star> star on a {colour} background"
+                                       for colour in ("blue", "green", "yellow", "black")]
     sd = TrainingConfig(class_noun="dog", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").resolved()
-    assert len(sd.prompt_templates) == 8 and sd.sample_prompts()[1].endswith("on the beach")
+    assert len(sd.prompt_templates) == 8 and sd.sample_prompts()[0].endswith("on the beach")
+
+
+@pytest.mark.parametrize("base_model", ["bundled:mini-shapes", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
+def test_samples_show_the_subject_in_new_places(base_model):
+    """One sample per context (the Train tab's grid and the card's widget); the user's own prompts still win."""
+    for count in (1, 3, 4, 6):
+        config = TrainingConfig(class_noun="dog", base_model=base_model, sample_count=count).resolved()
+        contexts = config.context_prompts()
+        assert len(contexts) >= 4
+        assert config.sample_prompts() == [contexts[index % len(contexts)] for index in range(count)]
+        assert config.instance_prompt() not in config.sample_prompts()
+    # No samples: still one prompt, since the trainer's preview draws the first.
+    assert TrainingConfig(class_noun="dog", base_model=base_model, sample_count=0).sample_prompts() == contexts[:1]
+    mine = TrainingConfig(class_noun="dog", base_model=base_model, validation_prompts=["a <my-dog> dog asleep"])
+    assert mine.sample_prompts() == ["a <my-dog> dog asleep"]
 
 
 def test_mini_world_defaults_follow_the_measurements():
