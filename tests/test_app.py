@@ -39,7 +39,7 @@ def free_port() -> int:
 @dataclass
 class Served:
     url: str
-    base: Path
+    base: Path | str  # a folder, or a name the app resolves (bundled:mini-shapes)
     hub: FakeHub
     work_root: Path
 
@@ -53,7 +53,7 @@ class Served:
 
 
 @contextmanager
-def running_app(base: Path, root: Path) -> Iterator[Served]:
+def running_app(base: Path | str, root: Path) -> Iterator[Served]:
     """The app on a free loopback port, on the `base` model, with its Hub calls going to a fresh fake Hub."""
     with pytest.MonkeyPatch.context() as patch, FakeHub({TOKEN: "alice", BOB_TOKEN: "bob"}) as fake:
         # HF_HUB_OFFLINE=1 (frozen into constants, maybe by another test module) would also block the loopback fake.
