@@ -79,6 +79,7 @@ class Generator:
         self.base_model: str | None = None
         self.pipeline: StableDiffusionPipeline | None = None
         self.applied: ArtifactInfo | None = None
+        self._applied_identity: tuple[Path, int] | None = None
         self._base_unet: UNet2DConditionModel | None = None
         self._base_text_encoder: CLIPTextModel | None = None
         self._lock = threading.RLock()
@@ -108,7 +109,7 @@ class Generator:
                 "give that base model's folder"
             )
         with self._lock:
-            if self.applied is not None and self.applied.folder.resolve() == info.folder.resolve() \
+            if self.applied is not None and self._applied_identity == _identity(info.folder) \
                     and self.base_model == base:
                 return self.applied  # already applied: generating again must not reload anything
             pipeline = self.use_base(base)
@@ -122,7 +123,7 @@ class Generator:
                     self._base_text_encoder = pipeline.text_encoder
                     pipeline.text_encoder = CLIPTextModel.from_pretrained(
                         info.folder, subfolder=artifacts.TEXT_ENCODER_DIR, dtype=self.dtype).to(self.device)
-                self.applied = info
+                self.applied, self._applied_identity = info, _identity(info.folder)
                 if info.has_embeddings:
                     pipeline.load_textual_inversion(str(info.folder))
                 if info.has_lora:
@@ -203,3 +204,10 @@ class _base_view:
         info = self.owner.applied
         if info is not None and info.has_lora:
             self.pipeline.enable_lora()
+
+
+def _identity(folder: Path) -> tuple[Path, int]:
+    """A folder as it is now: picking another checkpoint replaces the folder (a new inode at the same path), and
+    must not be answered with the weights applied before."""
+    resolved = folder.resolve()
+    return resolved, resolved.stat().st_ino

@@ -105,6 +105,7 @@ def build_model_card(
         webui_files.append(f"`{artifacts.webui_lora_file(config.trigger_token)}` (LoRA in kohya naming)")
     webui = ("## AUTOMATIC1111 / ComfyUI\n\nAlso in this repo: " + " and ".join(webui_files) + ".\n") if webui_files \
         else ""
+    seconds = summary.get("seconds_training", 0)
     samples = "\n".join(f"![sample {i}]({artifacts.SAMPLES_DIR}/{name})" for i, name in enumerate(sample_names))
     body = f"""
 # {config.trigger_token} {config.class_noun}
@@ -115,7 +116,7 @@ A personalized text-to-image model: it knows one specific **{config.class_noun}*
 - Method: {spec.card_name}{f" (stage 2: {config.stage2_mode})" if spec.chooses_stage2_mode else ""}
 - Base model: {base_text}
 - Resolution: {config.resolution} px, seed {config.seed}
-- Trained on: {summary.get("hardware", "unknown hardware")}, {summary.get("seconds_training", 0):.0f} s of training
+- Trained on: {summary.get("hardware", "unknown hardware")}, {seconds:.0f} s of training{_kept_step_line(summary)}
 
 | stage | steps | time | final loss |
 |---|---|---|---|
@@ -143,6 +144,17 @@ This model inherits the license of its base model
 def _sample_prompt(config: TrainingConfig, index: int) -> str:
     prompts = config.sample_prompts()
     return prompts[index % len(prompts)]
+
+
+def _kept_step_line(summary: dict[str, Any]) -> str:
+    """Which checkpoint these weights are (the run kept several, personalization.checkpoints)."""
+    kept, recommended = summary.get("kept_step"), summary.get("recommended_step")
+    if kept is None:
+        return ""
+    total = sum(stage.get("steps", 0) for stage in summary.get("stages", []))
+    note = " (the recommended one)" if kept == recommended else (
+        f" (recommended: step {recommended})" if recommended is not None else "")
+    return f"\n- Weights: the checkpoint at step {kept} of {total}{note}"
 
 
 def write_model_card(folder: Path, config: TrainingConfig, summary: dict[str, Any], sample_names: list[str],

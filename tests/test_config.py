@@ -213,7 +213,7 @@ def test_a_resolved_config_cannot_be_built_with_a_gap():
 def test_an_older_training_config_json_still_loads(tmp_path):
     """A file written before a field existed loads with that field's default, as either type."""
     saved = TrainingConfig(class_noun="dog", method="dreambooth").resolved().to_dict()
-    for newer in ("compile_unet", "stage1_weight_decay", "center_crop"):
+    for newer in ("compile_unet", "stage1_weight_decay", "center_crop", "checkpoints", "keep_step"):
         del saved[newer]
     path = tmp_path / "training_config.json"
     path.write_text(json.dumps(saved))
@@ -225,9 +225,11 @@ def test_an_older_training_config_json_still_loads(tmp_path):
 # What training_config.json holds for a default run (trainer.write_json: sorted keys, indent 2). Changing a field's
 # name, default or derivation changes saved files; this says so on purpose.
 SAVED_DEFAULT_TWO_STAGE = {
-    "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "center_crop": True, "class_images": 100,
+    "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "center_crop": True, "checkpoints": 4,
+    "class_images": 100,
     "class_noun": "dog", "class_prompt": "a photo of a dog", "compile_unet": False, "flip": False,
-    "gradient_checkpointing": False, "guidance_scale": 5.0, "init_word": "dog", "lora_alpha": 16, "lora_rank": 16,
+    "gradient_checkpointing": False, "guidance_scale": 5.0, "init_word": "dog", "keep_step": "best",
+    "lora_alpha": 16, "lora_rank": 16,
     "max_batch_size": 4, "max_grad_norm": 1.0, "method": "two_stage", "mixed_precision": "auto",
     "preview_interval": 0, "prior_loss_weight": 1.0, "prior_preservation": False,
     "prompt_templates": [
@@ -236,7 +238,7 @@ SAVED_DEFAULT_TWO_STAGE = {
         "a close-up photo of a {trigger} {noun}", "a bright photo of the {trigger} {noun}",
         "a good photo of a {trigger} {noun}", "a photo of one {trigger} {noun}",
     ],
-    "resolution": 512, "sample_count": 4, "sample_steps": 25, "seed": 0, "snr_gamma": 5.0,
+    "resolution": 512, "sample_count": 4, "sample_steps": 25, "score_checkpoints": True, "seed": 0, "snr_gamma": 5.0,
     "stage1_learning_rate": 0.005, "stage1_steps": 400, "stage1_weight_decay": 0.0, "stage2_learning_rate": 0.0001,
     "stage2_mode": "lora", "stage2_steps": 300, "subject_type": "object", "train_text_encoder": False,
     "trigger_token": "<my-dog>", "use_8bit_adam": False, "validation_prompts": [],
@@ -270,7 +272,7 @@ def test_the_form_fields_are_the_apps_hyperparameters():
     assert [spec.name for spec in form_fields()] == [
         "stage1_steps", "stage1_learning_rate", "stage2_steps", "stage2_learning_rate", "max_batch_size", "lora_rank",
         "prior_preservation", "class_images", "train_text_encoder", "seed", "gradient_checkpointing",
-        "use_8bit_adam", "compile_unet", "preview_interval",
+        "use_8bit_adam", "compile_unet", "preview_interval", "checkpoints",
     ]
     labels = {spec.name: spec.info.label for spec in form_fields()}
     assert labels["stage1_steps"] == "Stage 1 / TI steps" and labels["max_batch_size"] == "Images per step"
