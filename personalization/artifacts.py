@@ -43,6 +43,14 @@ SUMMARY_FILE = "training_summary.json"
 SAMPLES_DIR = "samples"
 CARD_FILE = "README.md"
 SAMPLE_NAME = "sample_{index}.png"
+# Checkpoints through the run (personalization.checkpoints): each step's folder holds that step's weights under the
+# top level's file names (so plain diffusers loads it the same way) and its samples; kept out of pushes.
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_FILE = "checkpoints.json"
+CHECKPOINT_NAME = "step-{step:06d}"
+# What a run keeps beside its output folder while it trains: the checkpoints so far and the state to resume from.
+RESUME_NAME = ".{name}.resume"
+RESUME_STATE_FILE = "resume_state.pt"
 # Web-UI copies are named from the trigger (see webui_name): <name>_emb.safetensors, <name>_lora_kohya.safetensors.
 WEBUI_EMBEDDING_SUFFIX = "_emb.safetensors"
 WEBUI_LORA_SUFFIX = "_lora_kohya.safetensors"
@@ -135,6 +143,59 @@ def save_unet(folder: Path, unet: UNet2DConditionModel) -> Path:
     return folder / UNET_DIR
 
 
+def save_unet_copy(folder: Path, unet: UNet2DConditionModel) -> Path:
+    """Write ``unet/`` in float16 like :func:`save_unet`, leaving the model as it is (a checkpoint mid-run): one
+    tensor at a time is converted, so the extra memory is one float16 copy in RAM, never on the GPU."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+    target = folder / UNET_DIR
+    target.mkdir()
+    unet.save_config(target)
+    save_file({name: tensor.detach().to("cpu", torch.float16).contiguous()
+               for name, tensor in unet.state_dict().items()},
+              str(target / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    return target
+
+
+def save_text_encoder_copy(folder: Path, text_encoder: CLIPTextModel) -> Path:
+    """Write ``text_encoder/`` in float16 like :func:`save_text_encoder`, leaving the model as it is."""
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    target = folder / TEXT_ENCODER_DIR
+    target.mkdir()
+    text_encoder.config.save_pretrained(target)
+    save_file({name: tensor.detach().to("cpu", torch.float16).contiguous()
+               for name, tensor in text_encoder.state_dict().items()},
+              str(target / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+    return target
+
+
+def checkpoint_entries(checkpoint_dir: Path) -> list[Path]:
+    """What a checkpoint folder puts at the artifact's top level when it is the kept step: its weights, their
+    web-UI copies and its samples."""
+    names = {EMBEDDINGS_FILE, SDXL_EMBEDDINGS_FILE, LORA_FILE, UNET_DIR, TEXT_ENCODER_DIR, SAMPLES_DIR}
+    return sorted(path for path in checkpoint_dir.iterdir()
+                  if path.name in names or path.name.endswith((WEBUI_EMBEDDING_SUFFIX, WEBUI_LORA_SUFFIX)))
+
+
+def holds_unet_weights(folder: Path) -> bool:
+    """Whether a folder (an artifact or a checkpoint) holds U-Net weights: a LoRA or a full U-Net."""
+    return (folder / LORA_FILE).is_file() or (folder / UNET_DIR).is_dir()
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Hard-link ``source`` (a file or a folder, recursively) to ``target``; copy where links are refused."""
+    if source.is_dir():
+        target.mkdir()
+        for entry in source.iterdir():
+            link_tree(entry, target / entry.name)
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def save_text_encoder(folder: Path, text_encoder: CLIPTextModel) -> Path:
     """Write ``text_encoder/`` in float16; like :func:`save_unet`, the model is converted in place."""
     text_encoder.to(torch.float16).save_pretrained(folder / TEXT_ENCODER_DIR)
@@ -151,6 +212,15 @@ def save_samples(folder: Path, images: Iterable[Image.Image]) -> list[str]:
         name = SAMPLE_NAME.format(index=index)
         image.save(folder / SAMPLES_DIR / name)
         names.append(name)
+    return names
+
+
+def sample_names(folder: Path) -> list[str]:
+    """The names of ``samples/sample_<i>.png`` in index order."""
+    names, index = [], 0
+    while (folder / SAMPLES_DIR / SAMPLE_NAME.format(index=index)).is_file():
+        names.append(SAMPLE_NAME.format(index=index))
+        index += 1
     return names
 
 

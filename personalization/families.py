@@ -114,6 +114,11 @@ SDXL = Family(
 PIPELINE_CLASSES = {"StableDiffusionPipeline": SD15, "StableDiffusionXLPipeline": SDXL}
 
 
+def family_by_key(key: str | None) -> Family:
+    """The family a saved summary names (``SD15`` for summaries written before families were recorded)."""
+    return next((family for family in PIPELINE_CLASSES.values() if family.key == key), SD15)
+
+
 def family_of_index(index: dict) -> Family:
     """The family of a pipeline from its ``model_index.json`` contents."""
     class_name = str(index.get("_class_name") or "")

@@ -90,6 +90,7 @@ class Generator:
         self.base_model: str | None = None
         self.pipeline: DiffusionPipeline | None = None
         self.applied: ArtifactInfo | None = None
+        self._applied_identity: tuple[Path, int] | None = None
         self._base_unet: UNet2DConditionModel | None = None
         self._base_text_encoder: CLIPTextModel | None = None
         self._lock = threading.RLock()
@@ -119,7 +120,7 @@ class Generator:
                 "give that base model's folder"
             )
         with self._lock:
-            if self.applied is not None and self.applied.folder.resolve() == info.folder.resolve() \
+            if self.applied is not None and self._applied_identity == _identity(info.folder) \
                     and self.base_model == base:
                 return self.applied  # already applied: generating again must not reload anything
             pipeline = self.use_base(base)
@@ -133,7 +134,7 @@ class Generator:
                     self._base_text_encoder = pipeline.text_encoder
                     pipeline.text_encoder = CLIPTextModel.from_pretrained(
                         info.folder, subfolder=artifacts.TEXT_ENCODER_DIR, dtype=self.dtype).to(self.device)
-                self.applied = info
+                self.applied, self._applied_identity = info, _identity(info.folder)
                 if info.has_embeddings:
                     load_embeddings(pipeline, info)
                 if info.has_lora:
@@ -237,3 +238,10 @@ class _base_view:
         info = self.owner.applied
         if info is not None and info.has_lora:
             self.pipeline.enable_lora()
+
+
+def _identity(folder: Path) -> tuple[Path, int]:
+    """A folder as it is now: picking another checkpoint replaces the folder (a new inode at the same path), and
+    must not be answered with the weights applied before."""
+    resolved = folder.resolve()
+    return resolved, resolved.stat().st_ino

@@ -275,3 +275,17 @@ def test_a_mixed_upload_is_judged_file_by_file(served: Served, tmp_path: Path, q
     for skipped in kept.skipped:
         assert f"- note: {skipped}" in message
     assert sorted(s.name for s in kept.skipped) == sorted(n for n, o in expected.items() if o == "skipped")
+
+
+# ---- /pick_step ------------------------------------------------------------------------------------------------------
+PICKER = "Step the run keeps (what Generate and Hub use)"
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("3", "Train a model first: there is no finished run to pick a step of."),
+    ("x" * 400, f"{PICKER}: {'x' * 80!r} is not one of the choices (none yet)."),
+    (7, f"{PICKER}: '7' is not one of the choices (none yet)."),
+    ({"a": 1}, f"{PICKER}: \"{{'a': 1}}\" is not one of the choices (none yet)."),
+])
+def test_pick_step_values(client: Client, quiet_server: None, value: object, says: str) -> None:
+    assert refused(client, "/pick_step", value) == says

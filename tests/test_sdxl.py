@@ -309,3 +309,24 @@ def test_the_time_estimate_and_the_zero_gpu_duration_cover_sdxl():
         # 4x the pixels and a larger U-Net: each step costs more than 4x SD-1.5's
         assert large.unet_step_s > 4 * small.unet_step_s and large.embedding_step_s > 4 * small.embedding_step_s
     assert zero_gpu_seconds(sd15, SD15_HUB_ID) < zero_gpu_seconds(sdxl, SDXL_HUB_ID) <= ZERO_GPU_MAX_SECONDS
+
+
+def test_an_sdxl_run_resumes_bit_identical_and_its_checkpoints_hold_both_rows(tiny_sdxl, subject_dir, tmp_path):
+    """Both encoders' trigger rows are carried across a kill at the stage boundary; a picked stage-1 checkpoint
+    holds the two-key embedding file."""
+    from personalization.checkpoints import read_table
+    from personalization.snapshots import pick_step
+    from tests.test_snapshots import Crash, crash_at, tree
+
+    settings = sdxl_config(tiny_sdxl, stage1_steps=3, stage2_steps=4, checkpoints=2, sample_count=1)
+    whole = train(settings, subject_dir, tmp_path / "whole")
+    with pytest.raises(Crash):
+        train(settings, subject_dir, tmp_path / "resumed", progress=crash_at(4))
+    resumed = train(settings, subject_dir, tmp_path / "resumed", resume=True)
+    timing = ("training_summary.json", "README.md", "checkpoints/checkpoints.json")
+    assert tree(resumed.output_dir, timing) == tree(whole.output_dir, timing)
+    assert read_table(whole.output_dir).steps == [3, 5, 7]
+    assert pick_step(whole.output_dir, 3) == 3
+    names = {p.name for p in whole.output_dir.iterdir()}
+    assert artifacts.SDXL_EMBEDDINGS_FILE in names and artifacts.LORA_FILE not in names
+    assert "StableDiffusionXLPipeline" in (whole.output_dir / "README.md").read_text()
