@@ -113,8 +113,23 @@ def estimate_run(config: TrainingConfig, device_name: str, base_model: str) -> R
         class_images_s=config.class_images * image * scale if config.prior_preservation else 0.0,
         embedding_step_s=embed * scale, unet_step_s=unet_step * scale,
         stage1_steps=config.stage1_steps, stage2_steps=config.stage2_steps,
-        samples_s=config.sample_count * image * scale,
+        samples_s=checkpoint_images(config) * image * scale,
     )
+
+
+def checkpoint_images(config: TrainingConfig) -> int:
+    """Images a run renders besides training: every checkpoint's samples and, where they are scored on the mini
+    world, its probes (other bases are scored only where CLIP and DINO are at hand, which the estimate cannot know)."""
+    from .checkpoints import checkpoint_steps
+
+    count = len(checkpoint_steps([config.stage1_steps, config.stage2_steps], config.checkpoints))
+    probes = 0
+    if config.score_checkpoints and config.on_mini_world:
+        from .mini_world.scoring import MiniWorldScorer
+
+        per_checkpoint, base = MiniWorldScorer.default_image_counts()
+        probes = count * per_checkpoint + base
+    return count * config.sample_count + probes
 
 
 def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) -> float:

@@ -243,6 +243,19 @@ def test_an_example_thumbnail_then_train_and_show_me(mini_app: Served, tmp_path:
         expect(page.locator("#train-base-samples img")).to_have_count(samples)  # the base, same seeds
         expect(page.locator("#train-result")).to_contain_text("Trained")
 
+        # The checkpoints (60 + 60 steps: stage 1's end and four over stage 2), scored by the mini world's checker:
+        # the curve with the recommended step, the same sample at each, and a step the user picks instead.
+        expect(page.locator("#checkpoint-summary svg")).to_be_visible()
+        expect(page.locator("#checkpoint-summary")).to_contain_text("recommended")
+        expect(page.locator("#checkpoint-grid img")).to_have_count(5)
+        grid_captions = page.locator("#checkpoint-grid .caption-label").all_inner_texts()
+        assert [caption.split(" · ")[0] for caption in grid_captions] == [f"step {n}" for n in (60, 75, 90, 105, 120)]
+        assert sum("recommended" in caption for caption in grid_captions) == 1, grid_captions
+        page.locator("#step-picker input").click()
+        page.get_by_role("option", name=re.compile(r"^step 60\b")).click()
+        page.locator("#pick-step").click()
+        expect(page.locator("#pick-message")).to_contain_text("holds the checkpoint at step 60")
+
         # The first ETA the page showed comes from the estimate it showed before Start, not from the warm-up.
         texts: list[str] = page.evaluate("window.progressTexts")
         etas = [eta[1] for text in texts if (eta := re.search(r"ETA (\d+(?::\d\d)+)", text))]

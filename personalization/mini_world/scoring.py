@@ -96,8 +96,17 @@ class MiniWorldScorer:
     # the trainer's default probe set.
     drift_tolerance = 0.125
 
+    DEFAULT_TRIGGER_SEEDS, DEFAULT_CLASS_PROBES = 4, 8
+
+    @classmethod
+    def default_image_counts(cls) -> tuple[int, int]:
+        """Images rendered per checkpoint and, once, for the base model, with the default probes."""
+        seeds, probes = cls.DEFAULT_TRIGGER_SEEDS, cls.DEFAULT_CLASS_PROBES
+        return 2 * seeds + probes, probes + seeds
+
     def __init__(self, references: Sequence[Image.Image], trigger_token: str, class_noun: str,
-                 subject_colors: Sequence[str] = (), *, trigger_seeds: int = 4, class_probes: int = 8) -> None:
+                 subject_colors: Sequence[str] = (), *, trigger_seeds: int = DEFAULT_TRIGGER_SEEDS,
+                 class_probes: int = DEFAULT_CLASS_PROBES) -> None:
         self.references, self.noun = list(references), class_noun
         backgrounds = [c for c in COLOR_NAMES if c not in set(subject_colors)] or list(COLOR_NAMES)
         self.trigger_prompts, self.trigger_seeds, self.background_of = [], [], {}
