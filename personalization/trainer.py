@@ -873,13 +873,14 @@ def _check_inputs(
     base_model = config.base_model
     base_path = resolve_base_model_path(base_model)
     resolution = config.resolution or default_resolution(base_path)
-    families.check_options(families.detect_family(base_path), config.train_text_encoder)
     if not isinstance(subject_images, SubjectImages):
         subject_images = load_subject_images(subject_images, resolution, center_crop=config.center_crop)
     else:
         subject_images = SubjectImages([im.resize((resolution, resolution), Image.Resampling.LANCZOS)
                                         if im.size != (resolution, resolution) else im
                                         for im in subject_images.images], subject_images.names, subject_images.notes)
+    # The photos are judged before the base model's files: a bad photo is the user's to fix whatever the model.
+    families.check_options(families.detect_family(base_path), config.train_text_encoder)
     tokenizer = _check_trigger_early(base_path, config)
     config = dataclasses.replace(config, base_model=base_model, resolution=resolution)
     check_keep_step(config.keep_step, checkpoint_steps([s.steps for s in recipe_for(config).stages],

@@ -147,7 +147,7 @@ def test_train_empty_class_noun_names_the_field(client: Client, quiet_server: No
 def test_train_nan_and_infinities(served: Served, quiet_server: None, literal: str) -> None:
     kind, data = raw_call(served, "train", f'{{"data": ["widget", "", "object", "two_stage", "lora", null, '
                                            f'{literal}, 0.001, 2, 0.001, 4, 1, 0, 10, 0, false, false, false, false, '
-                                           'false]}')
+                                           'false, 4]}')
     assert kind == "error" and data == f"Stage 1 / TI steps: must be a finite number, got {float(literal)}.", data
 
 
