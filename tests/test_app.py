@@ -50,6 +50,8 @@ class Served:
 
     def run_folders(self) -> set[Path]:
         """Every folder under the session workspaces, partial (hidden) ones included."""
+        if not self.work_root.is_dir():  # no session has opened yet
+            return set()
         return {path for session in self.work_root.iterdir() if session.is_dir() for path in session.iterdir()}
 
 
