@@ -63,7 +63,7 @@ def test_checkpoints_follow_the_schedule_and_hold_what_was_trained_by_then(tiny_
     assert table.scorer is None and not any(c.scores for c in table.checkpoints)  # only the mini world is scored
     assert any("not scored" in note for note in result.notes)
     seconds = [c.training_s for c in table.checkpoints]
-    assert seconds == sorted(seconds) and seconds[-1] <= result.seconds_training + 1e-6
+    assert seconds == sorted(seconds) and seconds[-1] <= result.seconds_training + 1e-3  # rounded to ms
     # Unscored, "best" keeps the last step: the top level is that checkpoint's files.
     assert table.kept_step == 7
     last = result.output_dir / "checkpoints" / STEP_DIR(step=7)
