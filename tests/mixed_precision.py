@@ -146,21 +146,20 @@ def assert_finite_losses(events: list, total_steps: int) -> None:
     assert all(math.isfinite(loss) for loss in losses), losses
 
 
-def check_artifact(folder: Path, base: str, device: torch.device, dtype: torch.dtype, resolution: int,
-                   steps: int = 3) -> None:
-    """The run's samples are drawn; the folder loads with plain diffusers loaders in ``dtype`` on ``device`` and
-    draws the personalized and the base image for the instance prompt."""
+def check_artifact(folder: Path, base: str, generator: Generator, resolution: int, steps: int = 3) -> None:
+    """The run's samples are drawn; the folder loads with plain diffusers loaders into ``generator``'s pipeline (its
+    device and dtype) and draws the personalized and the base image for the instance prompt."""
     samples = sorted((folder / "samples").glob("*.png"))
     assert samples, "no samples written"
     for path in samples:
         assert_drawn(Image.open(path), f"sample {path.name}")
-    generator = Generator(device, dtype)
     info = generator.apply(folder, base_model=base)
     request = GenerationRequest(prompt=info.instance_prompt, steps=steps, resolution=resolution, num_images=1)
-    assert_drawn(generator.generate(request)[0], f"personalized image in {dtype}")
-    assert_drawn(generator.generate(request, personalized=False)[0], f"base image in {dtype}")
+    assert_drawn(generator.generate(request)[0], f"personalized image in {generator.dtype}")
+    assert_drawn(generator.generate(request, personalized=False)[0], f"base image in {generator.dtype}")
     pipeline = generator.pipeline
-    assert pipeline is not None and pipeline.unet.dtype == dtype and pipeline.vae.dtype == dtype
+    assert pipeline is not None and pipeline.unet.dtype == generator.dtype and pipeline.vae.dtype == generator.dtype
+    generator.remove_artifact()
 
 
 class CpuFp16Accelerator(Accelerator):

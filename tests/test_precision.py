@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState
 from personalization import trainer
 from personalization.config import TrainingConfig
 from personalization.device import Placement
+from personalization.generation import Generator
 from personalization.recipes import recipe_for
 from tests.mixed_precision import (
     AUTOCAST_DTYPES,
@@ -57,7 +58,7 @@ def test_each_recipe_trains_in_mixed_precision_and_keeps_frozen_parts_bit_identi
     watch.assert_ran(precision)
     assert_finite_losses(events, result.config.stage1_steps + result.config.stage2_steps)
     # Generation as on a GPU: the artifact applied to a base pipeline held in the run's low precision.
-    check_artifact(result.output_dir, str(tiny_base), torch.device("cpu"), AUTOCAST_DTYPES[precision],
+    check_artifact(result.output_dir, str(tiny_base), Generator(torch.device("cpu"), AUTOCAST_DTYPES[precision]),
                    TINY_RESOLUTION)
 
 
