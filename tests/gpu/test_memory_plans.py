@@ -10,6 +10,7 @@ runs it.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,10 @@ def capped(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Card], None]]:
     def cap(card: Card) -> None:
         if card.total_bytes >= real:
             pytest.skip(f"this GPU ({real / 2**30:.0f} GiB) is not larger than the emulated card")
+        gc.collect()  # what earlier tests left (the pipelines of test_cuda.py) would count against the cap
         torch.cuda.empty_cache()
+        left = torch.cuda.memory_allocated() / 2**30
+        assert left < 0.5, f"{left:.2f} GiB still allocated before the capped run"
         torch.cuda.set_per_process_memory_fraction((card.total_bytes - CONTEXT_BYTES) / real)
         monkeypatch.setattr(trainer, "gpu_memory_bytes", lambda device: card.total_bytes)
         torch.cuda.reset_peak_memory_stats()
