@@ -3,7 +3,7 @@ and the CUDA one (tests/gpu/test_cuda.py, SD-1.5 shapes): the same checks in CI 
 
 :class:`StageWatch` wraps the trainer's ``run_stage`` and ``diffusion_loss`` for one ``train()`` call. Around each
 stage it compares every weight of the text encoder, the VAE and the U-Net before and after, bit for bit: what the
-stage does not train must not move (a cast in place, a optimizer given a frozen module, a write-back in the wrong
+stage does not train must not move (a cast in place, an optimizer given a frozen module, a write-back in the wrong
 dtype would), and what it trains must move (a loss scaler that skips every step would leave it still). Each loss
 records the autocast it ran under, so a precision that silently falls back to fp32 fails too.
 """
