@@ -2,12 +2,14 @@
 
     python benchmarks/speed.py --model mini            # CPU (or GPU) with the bundled mini model
     python benchmarks/speed.py --model sd15-random     # SD-1.5 shapes, random weights, 512 px (a GPU run)
+    python benchmarks/speed.py --model sdxl-random     # SDXL shapes, random weights, 1024 px (a GPU run, bf16)
     python benchmarks/speed.py --model tiny --steps 4  # seconds-long smoke run (what the tests use)
 
 Everything runs through the engine's own `train()`; step times come from its progress events (median after a
 warm-up), so the numbers are what users get. The reference row reproduces the diffusers DreamBooth example's step
 (VAE encode and text encoder every step, instance + class batch, no caches) on the same modules, so the ratio to
-our cached steps is measured rather than assumed. Prints one Markdown table with hardware, date and commit.
+our cached steps is measured rather than assumed (SD-1.x shapes only: the example's step has no SDXL conditioning).
+Prints one Markdown table with hardware, date and commit.
 """
 
 from __future__ import annotations
@@ -47,7 +49,21 @@ SD15_VAE = {
 }
 CLIP_L_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}
+# stabilityai/stable-diffusion-xl-base-1.0's configs: U-Net 2567 M parameters, CLIP-L and OpenCLIP bigG encoders.
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280), "cross_attention_dim": 2048, "attention_head_dim": (5, 10, 20),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "use_linear_projection": True, "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+}
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+CLIP_BIGG_TEXT = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                  "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280}
 
+# --model choices: the bundled mini model, or the kind of random-weight pipeline build_random_pipeline makes.
+MODELS = {"mini": "mini", "sd15-random": "sd15", "sdxl-random": "sdxl", "tiny": "tiny", "sdxl-tiny": "sdxl-tiny"}
 # (label, config changes) per recipe; step counts are the method defaults unless --steps is given.
 RECIPES = [
     ("two_stage (lora)", {"method": "two_stage", "stage2_mode": "lora"}),
@@ -56,6 +72,7 @@ RECIPES = [
     ("dreambooth + prior", {"method": "dreambooth", "prior_preservation": True}),
     ("dreambooth", {"method": "dreambooth"}),
     ("dreambooth_lora", {"method": "dreambooth_lora"}),
+    ("dreambooth_lora + prior", {"method": "dreambooth_lora", "prior_preservation": True}),
 ]
 # The same recipes with the memory and speed options: what a 16 GB / 8 GB card runs, and regional compilation.
 VARIANTS = [
@@ -63,6 +80,9 @@ VARIANTS = [
      {"method": "two_stage", "stage2_mode": "full", "use_8bit_adam": True, "gradient_checkpointing": True}),
     ("two_stage (lora) + checkpointing",
      {"method": "two_stage", "stage2_mode": "lora", "gradient_checkpointing": True}),
+    # The 24 GB plan of an SDXL LoRA (device.plan_memory): its peak is the README's target.
+    ("two_stage (lora) + checkpointing + 8-bit Adam",
+     {"method": "two_stage", "stage2_mode": "lora", "gradient_checkpointing": True, "use_8bit_adam": True}),
     ("two_stage (full) + compile", {"method": "two_stage", "stage2_mode": "full", "compile_unet": True}),
 ]
 
@@ -76,6 +96,12 @@ def build_random_pipeline(folder: Path, kind: str) -> Path:
         from tests.tiny_pipeline import build_tiny_pipeline
 
         return build_tiny_pipeline(folder)
+    if kind == "sdxl-tiny":
+        from tests.tiny_sdxl_pipeline import build_tiny_sdxl_pipeline
+
+        return build_tiny_sdxl_pipeline(folder)
+    if kind == "sdxl":
+        return build_random_sdxl_pipeline(folder)
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(ROOT / "personalization" / "assets" / "clip_tokenizer")
     scheduler_config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -87,6 +113,29 @@ def build_random_pipeline(folder: Path, kind: str) -> Path:
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder)
+    return folder
+
+
+def build_random_sdxl_pipeline(folder: Path) -> Path:
+    """A pipeline folder with random weights in SDXL's shapes, saved in bf16 (the trainer loads fp32 masters)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizers = ROOT / "personalization" / "assets" / "clip_tokenizer"
+    # Initialising 3.5 B random weights takes minutes on a CPU and seconds on the GPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        modules = {"vae": AutoencoderKL(**SDXL_VAE), "unet": UNet2DConditionModel(**SDXL_UNET),
+                   "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
+                   "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT))}
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipeline = StableDiffusionXLPipeline(
+        **modules, tokenizer=CLIPTokenizer.from_pretrained(tokenizers),
+        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizers, pad_token="!"), scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipeline.to(torch.bfloat16).save_pretrained(folder)
     return folder
 
 
@@ -188,7 +237,7 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("mini", "sd15-random", "tiny"), default="mini")
+    parser.add_argument("--model", choices=tuple(MODELS), default="mini")
     parser.add_argument("--steps", type=int, help="steps per stage (default: each method's default recipe)")
     parser.add_argument("--class-images", type=int, help="prior-preservation images (default: the config's)")
     parser.add_argument("--recipes", nargs="*", help="labels to run (default: all, variants included)")
@@ -202,7 +251,7 @@ def main() -> None:
             base = BUNDLED_MINI_MODEL
             base_path = resolve_base_model_path(base)
         else:
-            base_path = str(build_random_pipeline(scratch / "base", "tiny" if args.model == "tiny" else "sd15"))
+            base_path = str(build_random_pipeline(scratch / "base", MODELS[args.model]))
             base = base_path
         resolution = default_resolution(base_path)
         subject = subject_folder(scratch / "subject", resolution)
@@ -216,9 +265,11 @@ def main() -> None:
                 rows.append({"recipe": label, "stage": timing.stage, "ms_per_step": round(timing.median_ms, 1),
                              "peak_gib": None if timing.peak_gib is None else round(timing.peak_gib, 2),
                              "train_s": round(training, 1), "end_to_end_s": round(total, 1)})
-        reference = reference_dreambooth_step(base_path, resolution, args.reference_repeats)
-        rows.append({"recipe": "reference: diffusers DreamBooth step", "stage": "VAE+text every step, bs 1+1",
-                     "ms_per_step": round(reference, 1), "peak_gib": None, "train_s": None, "end_to_end_s": None})
+        if not MODELS[args.model].startswith("sdxl"):
+            reference = reference_dreambooth_step(base_path, resolution, args.reference_repeats)
+            rows.append({"recipe": "reference: diffusers DreamBooth step", "stage": "VAE+text every step, bs 1+1",
+                         "ms_per_step": round(reference, 1), "peak_gib": None, "train_s": None,
+                         "end_to_end_s": None})
 
     hardware = choose_placement().describe()
     print(f"\n{args.model} at {resolution} px on {hardware}; torch {torch.__version__}; "

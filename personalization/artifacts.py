@@ -31,6 +31,10 @@ if TYPE_CHECKING:  # the models and images only pass through; importing diffuser
     from transformers import CLIPTextModel
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
+# SDXL learns the trigger in both text encoders: one file, one tensor per encoder under the keys SDXL users already
+# load (AUTOMATIC1111's and ComfyUI's SDXL embeddings use the same keys).
+SDXL_EMBEDDINGS_FILE = "learned_embeds_sdxl.safetensors"
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_DIR = "unet"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -39,6 +43,14 @@ SUMMARY_FILE = "training_summary.json"
 SAMPLES_DIR = "samples"
 CARD_FILE = "README.md"
 SAMPLE_NAME = "sample_{index}.png"
+# Checkpoints through the run (personalization.checkpoints): each step's folder holds that step's weights under the
+# top level's file names (so plain diffusers loads it the same way) and its samples; kept out of pushes.
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_FILE = "checkpoints.json"
+CHECKPOINT_NAME = "step-{step:06d}"
+# What a run keeps beside its output folder while it trains: the checkpoints so far and the state to resume from.
+RESUME_NAME = ".{name}.resume"
+RESUME_STATE_FILE = "resume_state.pt"
 # Web-UI copies are named from the trigger (see webui_name): <name>_emb.safetensors, <name>_lora_kohya.safetensors.
 WEBUI_EMBEDDING_SUFFIX = "_emb.safetensors"
 WEBUI_LORA_SUFFIX = "_lora_kohya.safetensors"
@@ -73,6 +85,7 @@ class ArtifactInfo:
     has_unet: bool
     has_text_encoder: bool
     config: dict[str, Any]
+    has_sdxl_embeddings: bool = False  # the embeddings are SDXL's two-encoder file (has_embeddings is set too)
 
     @property
     def sample_files(self) -> list[Path]:
@@ -81,12 +94,28 @@ class ArtifactInfo:
 
 
 # ---- writers: what a training run puts in the folder -----------------------------------------------------------------
-def save_embedding(folder: Path, trigger_token: str, vector: torch.Tensor) -> Path:
+# A learned trigger: one vector (SD-1.5), or one per text encoder keyed as in SDXL_EMBEDDING_KEYS (SDXL).
+TriggerVectors = torch.Tensor | dict[str, torch.Tensor]
+
+
+def save_embedding(folder: Path, trigger_token: str, vector: TriggerVectors) -> Path:
     """Write ``learned_embeds.safetensors`` with one key, the trigger, so ``load_textual_inversion(dir)`` needs no
-    ``token=`` argument. The vector is stored as float32 [num_vectors, hidden]."""
+    ``token=`` argument; or, for SDXL's two vectors, ``learned_embeds_sdxl.safetensors`` with ``clip_l`` and
+    ``clip_g`` (loaded with one ``load_textual_inversion`` call per encoder, as the card shows). Vectors are stored
+    as float32 [num_vectors, hidden]."""
+    if isinstance(vector, dict):
+        path = folder / SDXL_EMBEDDINGS_FILE
+        save_file(_sdxl_embedding_tensors(vector), str(path))
+        return path
     path = folder / EMBEDDINGS_FILE
     save_file({trigger_token: _embedding_tensor(vector)}, str(path))
     return path
+
+
+def _sdxl_embedding_tensors(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if tuple(vectors) != SDXL_EMBEDDING_KEYS:
+        raise ValueError(f"SDXL embeddings need the keys {SDXL_EMBEDDING_KEYS}, got {tuple(vectors)}")
+    return {key: _embedding_tensor(value) for key, value in vectors.items()}
 
 
 def _embedding_tensor(vector: torch.Tensor) -> torch.Tensor:
@@ -114,6 +143,59 @@ def save_unet(folder: Path, unet: UNet2DConditionModel) -> Path:
     return folder / UNET_DIR
 
 
+def save_unet_copy(folder: Path, unet: UNet2DConditionModel) -> Path:
+    """Write ``unet/`` in float16 like :func:`save_unet`, leaving the model as it is (a checkpoint mid-run): one
+    tensor at a time is converted, so the extra memory is one float16 copy in RAM, never on the GPU."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+    target = folder / UNET_DIR
+    target.mkdir()
+    unet.save_config(target)
+    save_file({name: tensor.detach().to("cpu", torch.float16).contiguous()
+               for name, tensor in unet.state_dict().items()},
+              str(target / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    return target
+
+
+def save_text_encoder_copy(folder: Path, text_encoder: CLIPTextModel) -> Path:
+    """Write ``text_encoder/`` in float16 like :func:`save_text_encoder`, leaving the model as it is."""
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    target = folder / TEXT_ENCODER_DIR
+    target.mkdir()
+    text_encoder.config.save_pretrained(target)
+    save_file({name: tensor.detach().to("cpu", torch.float16).contiguous()
+               for name, tensor in text_encoder.state_dict().items()},
+              str(target / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+    return target
+
+
+def checkpoint_entries(checkpoint_dir: Path) -> list[Path]:
+    """What a checkpoint folder puts at the artifact's top level when it is the kept step: its weights, their
+    web-UI copies and its samples."""
+    names = {EMBEDDINGS_FILE, SDXL_EMBEDDINGS_FILE, LORA_FILE, UNET_DIR, TEXT_ENCODER_DIR, SAMPLES_DIR}
+    return sorted(path for path in checkpoint_dir.iterdir()
+                  if path.name in names or path.name.endswith((WEBUI_EMBEDDING_SUFFIX, WEBUI_LORA_SUFFIX)))
+
+
+def holds_unet_weights(folder: Path) -> bool:
+    """Whether a folder (an artifact or a checkpoint) holds U-Net weights: a LoRA or a full U-Net."""
+    return (folder / LORA_FILE).is_file() or (folder / UNET_DIR).is_dir()
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Hard-link ``source`` (a file or a folder, recursively) to ``target``; copy where links are refused."""
+    if source.is_dir():
+        target.mkdir()
+        for entry in source.iterdir():
+            link_tree(entry, target / entry.name)
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def save_text_encoder(folder: Path, text_encoder: CLIPTextModel) -> Path:
     """Write ``text_encoder/`` in float16; like :func:`save_unet`, the model is converted in place."""
     text_encoder.to(torch.float16).save_pretrained(folder / TEXT_ENCODER_DIR)
@@ -130,6 +212,15 @@ def save_samples(folder: Path, images: Iterable[Image.Image]) -> list[str]:
         name = SAMPLE_NAME.format(index=index)
         image.save(folder / SAMPLES_DIR / name)
         names.append(name)
+    return names
+
+
+def sample_names(folder: Path) -> list[str]:
+    """The names of ``samples/sample_<i>.png`` in index order."""
+    names, index = [], 0
+    while (folder / SAMPLES_DIR / SAMPLE_NAME.format(index=index)).is_file():
+        names.append(SAMPLE_NAME.format(index=index))
+        index += 1
     return names
 
 
@@ -179,16 +270,19 @@ def webui_lora_file(trigger_token: str) -> str:
     return webui_name(trigger_token) + WEBUI_LORA_SUFFIX
 
 
-def save_webui_copies(folder: Path, trigger_token: str, vector: torch.Tensor | None,
+def save_webui_copies(folder: Path, trigger_token: str, vector: TriggerVectors | None,
                       unet_lora_layers: dict[str, torch.Tensor] | None) -> list[Path]:
-    """Copies for AUTOMATIC1111 / ComfyUI users: the embedding as ``<name>_emb.safetensors`` ({"emb_params": ...})
-    and the LoRA in kohya naming as ``<name>_lora_kohya.safetensors``. Diffusers ignores both files."""
+    """Copies for AUTOMATIC1111 / ComfyUI users: the embedding as ``<name>_emb.safetensors`` ({"emb_params": ...};
+    for SDXL {"clip_l": ..., "clip_g": ...}, those programs' SDXL convention) and the LoRA in kohya naming as
+    ``<name>_lora_kohya.safetensors``. Diffusers ignores both files."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 
     written = []
     if vector is not None:
         path = folder / webui_embedding_file(trigger_token)
-        save_file({"emb_params": _embedding_tensor(vector)}, str(path))
+        tensors = _sdxl_embedding_tensors(vector) if isinstance(vector, dict) else {
+            "emb_params": _embedding_tensor(vector)}
+        save_file(tensors, str(path))
         written.append(path)
     if unet_lora_layers:
         peft_layers = convert_unet_state_dict_to_peft(dict(unet_lora_layers))
@@ -208,13 +302,18 @@ def read_artifact(folder: Path | str) -> ArtifactInfo:
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such artifact folder")
     config = _read_config(folder)
-    has_embeddings = (folder / EMBEDDINGS_FILE).is_file()
+    has_sdxl_embeddings = (folder / SDXL_EMBEDDINGS_FILE).is_file()
+    has_embeddings = (folder / EMBEDDINGS_FILE).is_file() or has_sdxl_embeddings
     has_lora = (folder / LORA_FILE).is_file()
     has_unet = (folder / UNET_DIR / "config.json").is_file()
     has_text_encoder = (folder / TEXT_ENCODER_DIR / "config.json").is_file()
     if not (has_embeddings or has_lora or has_unet or has_text_encoder):
         raise ArtifactError(f"{folder.name}: holds no weights ({EMBEDDINGS_FILE}, {LORA_FILE} or {UNET_DIR}/)")
-    if has_embeddings and len(keys := _safetensors_keys(folder, EMBEDDINGS_FILE)) != 1:
+    if has_sdxl_embeddings and sorted(keys := _safetensors_keys(folder, SDXL_EMBEDDINGS_FILE)) != sorted(
+            SDXL_EMBEDDING_KEYS):
+        raise ArtifactError(f"{folder.name}/{SDXL_EMBEDDINGS_FILE} must hold {' and '.join(SDXL_EMBEDDING_KEYS)}, "
+                            f"found {', '.join(keys) or 'nothing'}")
+    if has_embeddings and not has_sdxl_embeddings and len(keys := _safetensors_keys(folder, EMBEDDINGS_FILE)) != 1:
         # load_textual_inversion(dir) without token= only works with one key, and the key is the trigger
         raise ArtifactError(f"{folder.name}/{EMBEDDINGS_FILE} must hold exactly one trigger, found {len(keys)}")
     if has_lora and not _safetensors_keys(folder, LORA_FILE):
@@ -226,7 +325,7 @@ def read_artifact(folder: Path | str) -> ArtifactInfo:
         trigger_token=trigger, class_noun=noun,
         instance_prompt=instance_phrase(trigger, noun, str(config.get("subject_type") or "object")),
         has_embeddings=has_embeddings, has_lora=has_lora, has_unet=has_unet, has_text_encoder=has_text_encoder,
-        config=config,
+        config=config, has_sdxl_embeddings=has_sdxl_embeddings,
     )
 
 

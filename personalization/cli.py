@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="artifact folder to write (what gets pushed)")
     train.add_argument("--config", type=Path, help="a training_config.json to start from; options override it")
     train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run killed while writing --out from its last checkpoint")
     add_config_options(train)
 
     generate = commands.add_parser("generate", help="generate images with an artifact folder")
@@ -74,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo", required=True, help="repo name (under the token's account) or namespace/name")
     push.add_argument("--public", action="store_true", help="make the repo public (default: private)")
     push.add_argument("--token", help="Hugging Face token with write access (default: $HF_TOKEN)")
+    push.add_argument("--include-checkpoints", action="store_true",
+                      help="also push checkpoints/ (every checkpoint's weights and samples)")
+
+    pick = commands.add_parser("pick", help="make another checkpoint of a run the one its folder holds (what "
+                                            "generate loads and push uploads); prints the checkpoint table")
+    pick.add_argument("--artifact", required=True, type=Path, help="artifact folder written by train")
+    pick.add_argument("--step", default=None, help="best (the recommended step), last or a step number; "
+                                                   "without it, only print the table")
     return parser
 
 
@@ -151,7 +161,10 @@ def run_train(args: argparse.Namespace) -> int:
         bar.update(event.step - bar.n)
 
     try:
-        result = train(config, subject_files, args.out, progress=show, overwrite=args.overwrite)
+        result = train(config, subject_files, args.out, progress=show, overwrite=args.overwrite, resume=args.resume)
+    except KeyboardInterrupt:
+        _say_if_resumable(args.out)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -159,10 +172,41 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     times = ", ".join(f"{s.name} {s.steps} steps {s.seconds:.1f} s" for s in result.stages)
     print(f"trained {result.config.method} on {result.hardware}: {times}")
+    _print_checkpoints(result.output_dir)
     print(f"wrote {result.output_dir} (trigger: {result.config.instance_prompt()})")
     example = shlex.quote(result.config.context_prompts()[0])
     print(f"try: python -m personalization generate --artifact {shlex.quote(str(result.output_dir))} "
           f"--prompt {example} --out sample.png")
+    return 0
+
+
+def _say_if_resumable(out: Path) -> None:
+    from .artifacts import RESUME_STATE_FILE
+    from .snapshots import resume_dir
+
+    if (resume_dir(out.resolve()) / RESUME_STATE_FILE).is_file():
+        print("note: the run reached a checkpoint; add --resume to the same command to continue it", file=sys.stderr)
+
+
+def _print_checkpoints(folder: Path) -> None:
+    from .checkpoints import RULE, read_table
+
+    table = read_table(folder)
+    if table is None:
+        return
+    print(table.markdown())
+    scored = f"scored by the {table.scorer}; recommended: {RULE}" if table.scorer else "not scored"
+    print(f"checkpoints {scored}")
+    print(f"the folder holds step {table.kept_step} (python -m personalization pick --artifact "
+          f"{shlex.quote(str(folder))} --step N switches)")
+
+
+def run_pick(args: argparse.Namespace) -> int:
+    from .snapshots import pick_step
+
+    if args.step is not None:
+        pick_step(args.artifact, args.step)
+    _print_checkpoints(args.artifact)
     return 0
 
 
@@ -209,7 +253,8 @@ def run_push(args: argparse.Namespace) -> int:
         raise HubError("A Hugging Face token is needed: pass --token or set HF_TOKEN (a token with write access).")
     visibility = "public" if args.public else "private"
     print(f"pushing {args.artifact} to {args.repo} ({visibility}) ...", flush=True)
-    url = push_artifact(args.artifact, args.repo, token, private=not args.public)
+    url = push_artifact(args.artifact, args.repo, token, private=not args.public,
+                        include_checkpoints=args.include_checkpoints)
     print(url)
     return 0
 
@@ -306,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_evaluate(args)
             if args.command == "push":
                 return run_push(args)
+            if args.command == "pick":
+                return run_pick(args)
             return run_generate(args)
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as Terminated
         return _interrupted(interrupt, args.debug)
@@ -341,7 +388,8 @@ def _interrupted(interrupt: KeyboardInterrupt, debug: bool) -> int:
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     message = text[0] if text else type(error).__name__
-    known = ("ConfigError", "ImageError", "TriggerError", "ArtifactError", "HubError", "FileNotFoundError")
+    known = ("ConfigError", "ImageError", "TriggerError", "ArtifactError", "HubError", "FileNotFoundError",
+             "CheckpointError")
     if type(error).__name__ not in known:
         message = f"{type(error).__name__}: {message}"
     return message + (" (run with --debug for details)" if type(error).__name__ not in known else "")

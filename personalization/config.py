@@ -252,6 +252,16 @@ class TrainingConfig:
         "Sample guidance", "guidance scale of the sample, preview and class images", "--guidance", minimum=0.0,
         maximum=GENERATION_DEFAULTS.max_guidance_scale)})
 
+    checkpoints: int = field(default=4, metadata={"info": FieldInfo(
+        "Checkpoints", "checkpoints spread over the last stage (plus the end of two-stage's stage 1), each with "
+        "samples and scores; 0: the last step only", "--checkpoints", form=True, minimum=0, maximum=20)})
+    keep_step: str = field(default="best", metadata={"info": FieldInfo(
+        "Kept step", "the checkpoint the folder holds: best (the recommended one), last, or a step number",
+        "--keep-step")})
+    score_checkpoints: bool = field(default=True, metadata={"info": FieldInfo(
+        "Score checkpoints", "score each checkpoint against the photos and the base model (the mini world's "
+        "checker) and recommend one", "--score-checkpoints")})
+
     # ---- validation -------------------------------------------------------------------------------------------
     def validate(self) -> Self:
         """Raise :class:`ConfigError` naming the first invalid field; return self so calls can chain."""
@@ -276,6 +286,9 @@ class TrainingConfig:
             raise ConfigError(f"init_word must be a single plain word, got {self.init_word!r}")
         if self.trigger_token is not None and (not self.trigger_token.strip() or re.search(r"\s", self.trigger_token)):
             raise ConfigError(f"trigger_token must be one word without spaces, got {self.trigger_token!r}")
+        if not isinstance(self.keep_step, str) or not (self.keep_step in ("best", "last") or
+                                                        re.fullmatch(r"[1-9][0-9]{0,6}", self.keep_step)):
+            raise ConfigError(f"keep_step must be best, last or a step number, got {self.keep_step!r}")
         if self.resolution is not None and self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.prompt_templates is not None:
@@ -381,10 +394,13 @@ class TrainingConfig:
                                self.subject_type)
 
     def sample_prompts(self) -> list[str]:
-        """Prompts for the samples on the card: the user's, else the trigger phrase and two new contexts."""
+        """Prompts for the samples (sample i: prompt i, cycling, seed + i): the user's, else the subject in new
+        places, one context per sample. The Train tab's grid and the card's widget show these, so what a user sees
+        after training is what the card shows. Never empty: the trainer's preview draws the first."""
         if self.validation_prompts:
             return list(self.validation_prompts)
-        return [self.instance_prompt(), *self.context_prompts()[:2]]
+        contexts = self.context_prompts()
+        return [contexts[index % len(contexts)] for index in range(max(self.sample_count, 1))]
 
     def context_prompts(self) -> list[str]:
         """The subject in new places, in words the base model knows: backgrounds of the shapes world on the mini

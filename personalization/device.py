@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 
 # BUNDLED_MINI_MODEL is defined with the config that records it; used and re-exported here.
 from .config import BUNDLED_MINI_MODEL, mini_world_info
+from .families import SD15, Family
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MINI_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "mini_model"
@@ -100,13 +102,9 @@ def portable_base_model(base_model: str) -> str:
     return base_model
 
 
-# Peak training memory of SD-1.5 (U-Net 859.5 M parameters) at 512 px, measured on an H200
-# (docs/measurements.md#peak-training-memory):
-# full U-Net with AdamW 17.0 GiB with or without gradient checkpointing, U-Net LoRA 6.8 GiB at batch 1, 10.0 at
-# batch 4 (an upper bound: that run stacked two adapters). Other bases are scaled by their U-Net's parameter count.
-# Not yet checked on a T4 or an 8 GB card.
-SD15_UNET_PARAMETERS = 859.5e6
-MEASURED_PEAK_GIB = {"full": 17.0, "lora": 10.0}
+# Peak training memory per family (families.MemoryFacts: SD-1.5 measured on an H200, SDXL estimated until measured);
+# other bases of a family are scaled by their U-Net's parameter count. Not yet checked on a T4 or an 8 GB card.
+SD15_UNET_PARAMETERS = SD15.memory.unet_parameters
 # 8-bit Adam keeps 2 bytes of optimizer state per weight instead of 8: of the 16 bytes per trained weight
 # (weight, gradient, two moments) 6 go, so the full-U-Net peak shrinks by about 6/16.
 EIGHT_BIT_SAVING = 6 / 16
@@ -118,22 +116,32 @@ class MemoryPlan:
     gradient_checkpointing: bool
     use_8bit_adam: bool
     note: str | None = None  # why options were switched on; None when the card has room as configured
+    fits: bool = True  # False: even with the options switched on, the step needs more than the card has
+
+
+def peak_gib(family: Family, unet_parameters: float, *, full_unet: bool, gradient_checkpointing: bool,
+             use_8bit_adam: bool) -> float:
+    """The training step's peak memory, from the family's figures scaled by the U-Net's parameter count."""
+    memory = family.memory
+    need = memory.peak_gib["full" if full_unet else "lora", gradient_checkpointing]
+    need *= unet_parameters / memory.unet_parameters
+    return need * (1 - EIGHT_BIT_SAVING) if full_unet and use_8bit_adam else need
 
 
 def plan_memory(unet_parameters: int, card_bytes: int | None, *, full_unet: bool, gradient_checkpointing: bool,
-                use_8bit_adam: bool, bitsandbytes_available: bool) -> MemoryPlan:
+                use_8bit_adam: bool, bitsandbytes_available: bool, family: Family = SD15) -> MemoryPlan:
     """Switch on the memory options a card needs for this U-Net; options the user chose are never switched off.
 
     A T4 (15 GiB usable of 16) cannot hold the 17 GiB of a full SD-1.5 U-Net step, but can with 8-bit Adam and
-    gradient checkpointing; an 8 GB card runs LoRA with checkpointing. Without a card size (CPU) nothing changes.
+    gradient checkpointing; an 8 GB card runs LoRA with checkpointing; a 24 GB card runs an SDXL LoRA with
+    checkpointing. Without a card size (CPU) nothing changes.
     """
     asked = MemoryPlan(gradient_checkpointing, use_8bit_adam)
     if card_bytes is None:
         return asked
     usable_gib = card_bytes / 2**30 * USABLE_FRACTION
-    need_gib = MEASURED_PEAK_GIB["full" if full_unet else "lora"] * unet_parameters / SD15_UNET_PARAMETERS
-    if full_unet and use_8bit_adam:
-        need_gib *= 1 - EIGHT_BIT_SAVING
+    need_gib = peak_gib(family, unet_parameters, full_unet=full_unet, gradient_checkpointing=gradient_checkpointing,
+                        use_8bit_adam=use_8bit_adam)
     if need_gib <= usable_gib:
         return asked
     switched = []
@@ -143,11 +151,35 @@ def plan_memory(unet_parameters: int, card_bytes: int | None, *, full_unet: bool
     if full_unet and not use_8bit_adam and bitsandbytes_available:
         eight_bit = True
         switched.append("8-bit Adam")
+    fits = peak_gib(family, unet_parameters, full_unet=full_unet, gradient_checkpointing=True,
+                    use_8bit_adam=eight_bit) <= usable_gib
     if not switched:
-        return asked
+        return dataclasses.replace(asked, fits=fits)
     note = (f"this GPU has {card_bytes / 2**30:.0f} GiB and the step needs about {need_gib:.0f} GiB as configured: "
             f"switched on {' and '.join(switched)}")
-    return MemoryPlan(True, eight_bit, note)
+    return MemoryPlan(True, eight_bit, note, fits)
+
+
+def memory_refusal(family: Family, card_bytes: int | None, *, full_unet: bool) -> str | None:
+    """Why this card cannot train ``family``'s reference U-Net (LoRA or full) even with gradient checkpointing and
+    8-bit Adam, in one sentence that says what would fit; None when it can (or on a CPU, where the time is the limit).
+    """
+    if card_bytes is None:
+        return None
+    parameters = family.memory.unet_parameters
+    plan = plan_memory(int(parameters), card_bytes, full_unet=full_unet, gradient_checkpointing=True,
+                       use_8bit_adam=True, bitsandbytes_available=True, family=family)
+    if plan.fits:
+        return None
+    need = peak_gib(family, parameters, full_unet=full_unet, gradient_checkpointing=True, use_8bit_adam=True)
+    what = "a full U-Net" if full_unet else "a LoRA"
+    card_gib = card_bytes / 2**30
+    if full_unet and memory_refusal(family, card_bytes, full_unet=False) is None:
+        instead = f"a {family.label} LoRA fits this GPU"
+    else:
+        instead = "Stable Diffusion 1.5 fits this GPU"
+    return (f"{family.label} with {what} needs about {need:.0f} GiB with gradient checkpointing and 8-bit Adam and "
+            f"this GPU has {card_gib:.0f} GiB: {instead}.")
 
 
 def gpu_memory_bytes(device: torch.device) -> int | None:

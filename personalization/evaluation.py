@@ -82,13 +82,14 @@ class FeatureModels:
     """CLIP and DINO feature extractors, loaded once."""
 
     def __init__(self, clip_model: str = CLIP_MODEL_ID, dino_model: str = DINO_MODEL_ID,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, *, local_files_only: bool = False) -> None:
         from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.clip = CLIPModel.from_pretrained(clip_model).eval().to(self.device)
-        self.clip_tokenizer = CLIPTokenizer.from_pretrained(clip_model)
-        self.dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False).eval().to(self.device)
+        local = {"local_files_only": local_files_only}
+        self.clip = CLIPModel.from_pretrained(clip_model, **local).eval().to(self.device)
+        self.clip_tokenizer = CLIPTokenizer.from_pretrained(clip_model, **local)
+        self.dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False, **local).eval().to(self.device)
         self.clip_size = int(self.clip.config.vision_config.image_size)
         self.dino_size = int(self.dino.config.image_size)
 
@@ -158,6 +159,11 @@ class EvaluationReport:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def as_dict(self) -> dict[str, float]:
+        """The checkpoint table's scores: fidelity is DINO."""
+        return {"fidelity": self.dino, "drift": self.drift, "clip_i": self.clip_i, "clip_t": self.clip_t,
+                "dino": self.dino}
+
     def table(self) -> str:
         return ("| CLIP-I | CLIP-T | DINO | drift | prompts x images |\n|---|---|---|---|---|\n"
                 f"| {self.clip_i:.3f} | {self.clip_t:.3f} | {self.dino:.3f} | {self.drift:.3f} | "
@@ -199,3 +205,40 @@ def evaluate_artifact(
         prompts=len(templates),
         images_per_prompt=seeds,
     )
+
+
+class FeatureScorer:
+    """Checkpoint scores on real base models (:mod:`personalization.checkpoints`): fidelity is DINO of trigger
+    prompts against the references (the metric that separates instances of one class), with CLIP-I and CLIP-T beside
+    it; drift is :func:`drift` on class prompts without the trigger, against the base model with the same seeds.
+
+    The probes are the first ``prompts`` of the DreamBooth list for the subject's kind, one seed each.
+    """
+
+    name = "CLIP / DINO feature scorer"
+    # Unmeasured: DINO drift (1 - same-seed similarity) that still reads as the same class; to be set from a GPU run.
+    drift_tolerance = 0.15
+
+    def __init__(self, models: FeatureModels, references: Sequence[Image.Image], trigger_token: str,
+                 class_noun: str, *, kind: str = "object", prompts: int = 6) -> None:
+        self.models, self.references = models, list(references)
+        templates = prompt_list(kind)[:prompts]
+        self.trigger_prompts = [template.format(f"{trigger_token} {class_noun}") for template in templates]
+        self.plain_prompts = [strip_trigger(prompt, trigger_token) for prompt in self.trigger_prompts]
+        self.class_prompts = [template.format(class_noun) for template in templates]
+        self.seeds = list(range(len(templates)))
+        self.base_class: list[Image.Image] | None = None
+
+    def prepare(self, render_base) -> None:  # render_base: (prompts, seeds) -> images
+        self.base_class = render_base(self.class_prompts, self.seeds)
+
+    def score(self, render) -> EvaluationReport:
+        if self.base_class is None:
+            raise RuntimeError("FeatureScorer.prepare must render the base model's images first")
+        personal = render(self.trigger_prompts, self.seeds)
+        class_images = render(self.class_prompts, self.seeds)
+        return EvaluationReport(
+            clip_i=clip_i(self.models, personal, self.references), clip_t=clip_t(self.models, personal,
+                                                                                 self.plain_prompts),
+            dino=dino(self.models, personal, self.references),
+            drift=drift(self.models, class_images, self.base_class), prompts=len(self.seeds), images_per_prompt=1)

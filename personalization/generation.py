@@ -1,8 +1,9 @@
 """Generation: one cached base pipeline, personalized by applying an artifact folder with plain diffusers loaders.
 
-Applying an artifact uses exactly the calls a user of the Hub repo makes (``load_textual_inversion(dir)``,
-``load_lora_weights(dir)``, the ``unet/`` swap), so what the app shows is what people get. Swapping artifacts
-unloads the previous parts instead of reloading the base.
+Applying an artifact uses exactly the calls a user of the Hub repo makes (``load_textual_inversion(dir)``, or for
+SDXL one call per text encoder; ``load_lora_weights(dir)``, the ``unet/`` swap), so what the app shows is what people
+get. Swapping artifacts unloads the previous parts instead of reloading the base. The base's family (SD-1.5 or SDXL,
+:mod:`personalization.families`) picks the pipeline class.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from . import artifacts
 from .artifacts import ArtifactError, ArtifactInfo
 from .config import GENERATION_DEFAULTS
 from .device import default_base_model, resolve_base_model_path
+from .families import detect_family
 from .tokens import strip_trigger
 
 
@@ -61,10 +64,16 @@ def generation_placement() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_base_pipeline(base_model: str, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
+def load_base_pipeline(base_model: str, device: torch.device, dtype: torch.dtype,
+                       fp16_fix_vae: bool = False) -> DiffusionPipeline:
+    """The base model's own pipeline class (its family's). SDXL's VAE overflows in fp16: diffusers decodes with it
+    upcast to fp32 (its config's force_upcast); ``fp16_fix_vae`` swaps in a VAE that stays finite in fp16 instead."""
     path = resolve_base_model_path(base_model)
-    pipeline = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+    family = detect_family(path)
+    options = dict(family.pipeline_options)
+    if fp16_fix_vae and family.fp16_fix_vae:
+        options["vae"] = AutoencoderKL.from_pretrained(family.fp16_fix_vae, dtype=dtype)
+    pipeline = family.pipeline_type.from_pretrained(path, dtype=dtype, **options)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
@@ -72,27 +81,30 @@ def load_base_pipeline(base_model: str, device: torch.device, dtype: torch.dtype
 class Generator:
     """Keeps one base pipeline in memory and applies at most one artifact to it at a time. Thread-safe."""
 
-    def __init__(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 fp16_fix_vae: bool = False) -> None:
         default_device, default_dtype = generation_placement()
         self.device = device or default_device
         self.dtype = dtype or default_dtype
+        self.fp16_fix_vae = fp16_fix_vae  # SDXL bases: the fp16-safe VAE (see load_base_pipeline)
         self.base_model: str | None = None
-        self.pipeline: StableDiffusionPipeline | None = None
+        self.pipeline: DiffusionPipeline | None = None
         self.applied: ArtifactInfo | None = None
+        self._applied_identity: tuple[Path, int] | None = None
         self._base_unet: UNet2DConditionModel | None = None
         self._base_text_encoder: CLIPTextModel | None = None
         self._lock = threading.RLock()
         self.base_loads = 0
 
     # ---- the base ------------------------------------------------------------------------------------------------
-    def use_base(self, base_model: str | None = None) -> StableDiffusionPipeline:
+    def use_base(self, base_model: str | None = None) -> DiffusionPipeline:
         """The pipeline for ``base_model`` (default: the machine's default), loading it only if it changed."""
         base_model = base_model or default_base_model()
         with self._lock:
             if self.pipeline is None or base_model != self.base_model:
                 self.remove_artifact()
                 self.pipeline = None  # free the old base before loading the new one
-                self.pipeline = load_base_pipeline(base_model, self.device, self.dtype)
+                self.pipeline = load_base_pipeline(base_model, self.device, self.dtype, self.fp16_fix_vae)
                 self.base_model = base_model
                 self.base_loads += 1
             return self.pipeline
@@ -108,7 +120,7 @@ class Generator:
                 "give that base model's folder"
             )
         with self._lock:
-            if self.applied is not None and self.applied.folder.resolve() == info.folder.resolve() \
+            if self.applied is not None and self._applied_identity == _identity(info.folder) \
                     and self.base_model == base:
                 return self.applied  # already applied: generating again must not reload anything
             pipeline = self.use_base(base)
@@ -122,9 +134,9 @@ class Generator:
                     self._base_text_encoder = pipeline.text_encoder
                     pipeline.text_encoder = CLIPTextModel.from_pretrained(
                         info.folder, subfolder=artifacts.TEXT_ENCODER_DIR, dtype=self.dtype).to(self.device)
-                self.applied = info
+                self.applied, self._applied_identity = info, _identity(info.folder)
                 if info.has_embeddings:
-                    pipeline.load_textual_inversion(str(info.folder))
+                    load_embeddings(pipeline, info)
                 if info.has_lora:
                     pipeline.load_lora_weights(str(info.folder))
             except Exception:
@@ -140,8 +152,11 @@ class Generator:
                 return
             if info is not None and info.has_lora:
                 pipeline.unload_lora_weights()
-            if info is not None and info.has_embeddings and info.trigger_token in pipeline.tokenizer.get_vocab():
-                pipeline.unload_textual_inversion(info.trigger_token)
+            if info is not None and info.has_embeddings:
+                for tokenizer, encoder in _text_sides(pipeline, info):
+                    if info.trigger_token in tokenizer.get_vocab():  # a failed apply may have loaded one side only
+                        pipeline.unload_textual_inversion(info.trigger_token, tokenizer=tokenizer,
+                                                          text_encoder=encoder)
             if self._base_unet is not None:
                 pipeline.unet = self._base_unet
                 self._base_unet = None
@@ -175,10 +190,30 @@ class Generator:
                 ).images
 
 
+def load_embeddings(pipeline: DiffusionPipeline, info: ArtifactInfo) -> None:
+    """The learned trigger, loaded as the card's snippet loads it: ``load_textual_inversion(dir)``, or for SDXL one
+    call per text encoder with its tensor of the two-key file."""
+    if not info.has_sdxl_embeddings:
+        pipeline.load_textual_inversion(str(info.folder))
+        return
+    tensors = load_file(str(info.folder / artifacts.SDXL_EMBEDDINGS_FILE))
+    for key, (tokenizer, encoder) in zip(artifacts.SDXL_EMBEDDING_KEYS, _text_sides(pipeline, info), strict=True):
+        pipeline.load_textual_inversion(tensors[key], token=info.trigger_token, text_encoder=encoder,
+                                        tokenizer=tokenizer)
+
+
+def _text_sides(pipeline: DiffusionPipeline, info: ArtifactInfo) -> list[tuple[object, torch.nn.Module]]:
+    """(tokenizer, text encoder) pairs that hold the artifact's trigger: both of SDXL's, or the one."""
+    pairs = [(pipeline.tokenizer, pipeline.text_encoder)]
+    if info.has_sdxl_embeddings:
+        pairs.append((pipeline.tokenizer_2, pipeline.text_encoder_2))
+    return pairs
+
+
 class _base_view:
     """Temporarily shows the base model: LoRA disabled, base U-Net / text encoder swapped back in."""
 
-    def __init__(self, owner: Generator, pipeline: StableDiffusionPipeline, enabled: bool) -> None:
+    def __init__(self, owner: Generator, pipeline: DiffusionPipeline, enabled: bool) -> None:
         self.owner, self.pipeline, self.enabled = owner, pipeline, enabled
         self.swapped: dict[str, torch.nn.Module] = {}
 
@@ -203,3 +238,10 @@ class _base_view:
         info = self.owner.applied
         if info is not None and info.has_lora:
             self.pipeline.enable_lora()
+
+
+def _identity(folder: Path) -> tuple[Path, int]:
+    """A folder as it is now: picking another checkpoint replaces the folder (a new inode at the same path), and
+    must not be answered with the weights applied before."""
+    resolved = folder.resolve()
+    return resolved, resolved.stat().st_ino

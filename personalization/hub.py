@@ -116,11 +116,13 @@ def resolve_repo_id(name: str, token: str, *, endpoint: str | None = None) -> st
     return f"{namespace}/{slugify_repo_name(bare)}"
 
 
-def push_artifact(folder: Path, repo: str, token: str, *, private: bool = True, endpoint: str | None = None) -> str:
+def push_artifact(folder: Path, repo: str, token: str, *, private: bool = True, endpoint: str | None = None,
+                  include_checkpoints: bool = False) -> str:
     """Push an artifact folder to model repo `repo` (bare name or `namespace/name`) and return the repo's URL.
 
     The model card is rendered for that repo in the upload itself: the local folder is only read, so a crash or two
     overlapping pushes can never leave a local card (or another repo's card) naming the wrong repo.
+    ``include_checkpoints``: push ``checkpoints/`` too (left out by default: only the kept step is the model).
     """
     from .model_card import card_for_repo  # the card module imports the training stack; pushing alone need not
 
@@ -128,7 +130,8 @@ def push_artifact(folder: Path, repo: str, token: str, *, private: bool = True, 
     _check_pushable(folder, token)
     repo_id = resolve_repo_id(repo, token, endpoint=endpoint)
     return _upload(folder, repo_id, token, private=private, endpoint=_endpoint(endpoint),
-                   commit_message=DEFAULT_COMMIT_MESSAGE, replaced_files={CARD_FILE: card_for_repo(folder, repo_id)})
+                   commit_message=DEFAULT_COMMIT_MESSAGE, replaced_files={CARD_FILE: card_for_repo(folder, repo_id)},
+                   ignore_patterns=_push_ignore_patterns(include_checkpoints))
 
 
 def push_folder(
@@ -154,8 +157,14 @@ def push_folder(
                    replaced_files={})
 
 
+def _push_ignore_patterns(include_checkpoints: bool) -> list[str]:
+    if not include_checkpoints:
+        return list(PUSH_IGNORE_PATTERNS)
+    return [pattern for pattern in PUSH_IGNORE_PATTERNS if "checkpoint" not in pattern]
+
+
 def _upload(folder: Path, repo_id: str, token: str, *, private: bool, endpoint: str, commit_message: str,
-            replaced_files: dict[str, bytes]) -> str:
+            replaced_files: dict[str, bytes], ignore_patterns: list[str] | None = None) -> str:
     """Create the repo if needed and upload `folder`, `replaced_files` (path in repo -> content) standing in for
     the local files of those names; the checks and the repo id are the caller's."""
     api = HfApi(endpoint=endpoint, token=token)
@@ -163,7 +172,7 @@ def _upload(folder: Path, repo_id: str, token: str, *, private: bool, endpoint: 
         _create_repo_if_missing(api, repo_id, private=private)
         with _upload_view(folder, replaced_files) as view:
             api.upload_folder(repo_id=repo_id, folder_path=view, repo_type="model", commit_message=commit_message,
-                              ignore_patterns=list(PUSH_IGNORE_PATTERNS), token=token)
+                              ignore_patterns=ignore_patterns or list(PUSH_IGNORE_PATTERNS), token=token)
     except Exception as err:
         raise _to_hub_error(err, endpoint=endpoint, token=token, action="push", repo_id=repo_id) from None
     return repo_url(repo_id, endpoint)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .artifacts import ArtifactError, ArtifactInfo, clean_stale_staging, process_alive, read_artifact
 from .config import GENERATION_DEFAULTS, ConfigError, TrainingConfig, is_mini_world_model
-from .device import SD15_HUB_ID, SD15_UNET_PARAMETERS, plan_memory
+from .device import SD15_HUB_ID, plan_memory
+from .families import SD15, SDXL, SDXL_HUB_ID, Family, FamilyError
 from .images import ImageError, SubjectImages, sort_subject_images
 from .progress import CancelFlag, ProgressEvent, TrainingCancelled
 from .tokens import TriggerError
@@ -96,22 +97,40 @@ def estimate_run(config: TrainingConfig, device_name: str, base_model: str) -> R
     key = hardware_key(device_name, base_model)
     embed, full, lora, image = STEP_SECONDS[key]
     unet_step = lora if config.uses_lora else full
-    plan = plan_memory(int(SD15_UNET_PARAMETERS), CARD_BYTES.get(key), full_unet=not config.uses_lora,
+    family = base_family(base_model)
+    plan = plan_memory(int(family.memory.unet_parameters), CARD_BYTES.get(key), full_unet=not config.uses_lora,
                        gradient_checkpointing=config.gradient_checkpointing, use_8bit_adam=config.use_8bit_adam,
-                       bitsandbytes_available=True)
+                       bitsandbytes_available=True, family=family)
     if plan.gradient_checkpointing:
         unet_step *= CHECKPOINTING_SLOWDOWN.get(key, DEFAULT_CHECKPOINTING_SLOWDOWN)
     if config.prior_preservation:
         unet_step *= 1.6  # instance + class batch
-    # Steps scale with pixels; SD-1.5's own 512 px is the reference (other bases on a CPU are costed as SD-1.5).
+    # Steps scale with pixels; SD-1.5's own 512 px is the reference (other bases on a CPU are costed as SD-1.5), and
+    # with the family's U-Net (SDXL's costs more at the same pixel count).
     scale = (config.resolution / 512) ** 2 if key != "cpu-mini" and config.resolution else 1.0
+    scale *= family.step_cost if key != "cpu-mini" else 1.0
     return RunEstimate(
         load_s=MODEL_LOAD_SECONDS.get(key, DEFAULT_LOAD_SECONDS),
         class_images_s=config.class_images * image * scale if config.prior_preservation else 0.0,
         embedding_step_s=embed * scale, unet_step_s=unet_step * scale,
         stage1_steps=config.stage1_steps, stage2_steps=config.stage2_steps,
-        samples_s=config.sample_count * image * scale,
+        samples_s=checkpoint_images(config) * image * scale,
     )
+
+
+def checkpoint_images(config: TrainingConfig) -> int:
+    """Images a run renders besides training: every checkpoint's samples and, where they are scored on the mini
+    world, its probes (other bases are scored only where CLIP and DINO are at hand, which the estimate cannot know)."""
+    from .checkpoints import checkpoint_steps
+
+    count = len(checkpoint_steps([config.stage1_steps, config.stage2_steps], config.checkpoints))
+    probes = 0
+    if config.score_checkpoints and config.on_mini_world:
+        from .mini_world.scoring import MiniWorldScorer
+
+        per_checkpoint, base = MiniWorldScorer.default_image_counts()
+        probes = count * per_checkpoint + base
+    return count * config.sample_count + probes
 
 
 def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) -> float:
@@ -124,7 +143,7 @@ def describe_failure(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if isinstance(error, TrainingCancelled):
         return "Training was cancelled; nothing was written."
-    if isinstance(error, ConfigError | ImageError | TriggerError | ArtifactError):
+    if isinstance(error, ConfigError | ImageError | TriggerError | ArtifactError | FamilyError):
         return text
     if "out of memory" in text.lower() or type(error).__name__ == "OutOfMemoryError":
         return ("The GPU ran out of memory. Try LoRA instead of the full U-Net, turn on gradient checkpointing and "
@@ -369,8 +388,9 @@ def _newest_mtime(folder: Path) -> float:
 
 
 # ---- starting a run from a front end ---------------------------------------------------------------------------------
-# Native sizes of bases whose configs may not be readable here (no network): read nothing for them.
-KNOWN_RESOLUTIONS = {SD15_HUB_ID: 512}
+# Native sizes and families of bases whose configs may not be readable here (no network): read nothing for them.
+KNOWN_RESOLUTIONS = {SD15_HUB_ID: 512, SDXL_HUB_ID: 1024}
+KNOWN_FAMILIES = {SD15_HUB_ID: SD15, SDXL_HUB_ID: SDXL}
 # ZeroGPU runs each call on an H200 slice and allows at most 25 minutes per call.
 ZERO_GPU_CARD = "NVIDIA H200"
 ZERO_GPU_MAX_SECONDS = 1500
@@ -387,6 +407,20 @@ def training_resolution(base_model: str) -> int:
         return default_resolution(resolve_base_model_path(base_model))
     except Exception:  # an id that cannot be read offline: SD-1.x's size is the safe guess
         return 512
+
+
+def base_family(base_model: str) -> Family:
+    """A base model's family, read from its model_index.json (no weights loaded); SD-1.5's for one that cannot be
+    read offline, as :func:`training_resolution` guesses SD-1.x's size (the trainer reads it for real)."""
+    if base_model in KNOWN_FAMILIES:
+        return KNOWN_FAMILIES[base_model]
+    from .device import resolve_base_model_path
+    from .families import detect_family
+
+    try:
+        return detect_family(resolve_base_model_path(base_model))
+    except Exception:  # an id that cannot be read offline, or not a pipeline at all (training refuses it)
+        return SD15
 
 
 def subject_at(resolution: int, prepared: SubjectImages | None, prepared_at: int | None,

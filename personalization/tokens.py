@@ -113,6 +113,20 @@ def add_trigger_token(
     return token_id
 
 
+def add_trigger_tokens(tokenizers: Sequence[CLIPTokenizer], text_encoders: Sequence[CLIPTextModel], trigger: str,
+                       init_word: str) -> int:
+    """:func:`add_trigger_token` for each tokenizer and its encoder (SDXL has two); returns the new token id.
+
+    The tokenizers of one pipeline share CLIP's vocabulary, so the trigger gets the same id in each: one id is what
+    the trainer splices into every encoder, and a mismatch is refused rather than trained on the wrong row.
+    """
+    ids = {add_trigger_token(tokenizer, encoder, trigger, init_word)
+           for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True)}
+    if len(ids) != 1:
+        raise TriggerError(f"trigger token '{trigger}' got different ids in the tokenizers ({sorted(ids)})")
+    return ids.pop()
+
+
 def build_prompts(templates: Sequence[str], trigger: str, class_noun: str) -> list[str]:
     """Training prompts: each template with the trigger as an adjective before the class noun."""
     return [template.format(trigger=trigger, noun=class_noun) for template in templates]

@@ -1,10 +1,13 @@
 """Screenshots of the four tabs for the README, on the bundled mini model with an example subject.
 
     .venv/bin/python scripts/screenshots.py            # writes docs/screenshots/{upload,train,generate,hub}.png
+    .venv/bin/python scripts/screenshots.py --steps 100   # quicker, for a loaded machine
 
-Runs the real app on 127.0.0.1 (CPU, the default recipe, so it takes a minute or two) and drives Debian's chromium
-with Playwright. Nothing leaves the machine: the push is answered in this process with the URL a real push returns
-(the push itself is tested against a loopback fake Hub in tests/test_browser.py and tests/test_hub.py).
+Runs the real app on 127.0.0.1 and drives Debian's chromium with Playwright through the first minute a visitor of
+the CPU Space sees: an example thumbnail, "Train and show me" (the default recipe: about a minute on two idle cores,
+several on a loaded machine), the grid of the subject in new places beside the base model, then Generate and Hub.
+Nothing leaves the machine: the push is answered in this process with the URL a real push returns (the push itself
+is tested against a loopback fake Hub in tests/test_browser.py and tests/test_hub.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from personalization.device import BUNDLED_MINI_MODEL  # noqa: E402
 from scripts.chromium import CHROMIUM, CHROMIUM_ARGS, VIEWPORT  # noqa: E402
 
 OUT = ROOT / "docs" / "screenshots"
+# The striped star: its stripes read well at 32 px, and stars are among the shapes the mini world knows.
+EXAMPLE_INDEX, EXAMPLE_NOUN = 3, "star"
 HUB_USER = "alice"
 
 
@@ -56,12 +61,19 @@ def serve(base: str, scratch: Path) -> Iterator[str]:
         demo.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
     import tempfile
 
     from playwright.sync_api import expect, sync_playwright
 
-    expect.set_options(timeout=300_000)  # a real training run on a CPU takes a minute or two
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="stage 1 and U-Net steps (default: the recipe's, as a visitor gets them)")
+    parser.add_argument("--timeout", type=float, default=900,
+                        help="seconds to wait for any one thing (the training run: minutes on a loaded machine)")
+    args = parser.parse_args(argv)
+    expect.set_options(timeout=args.timeout * 1000)
 
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch_name, serve(BUNDLED_MINI_MODEL, Path(scratch_name)) as url, \
@@ -70,26 +82,32 @@ def main() -> None:
             str(Path(scratch_name) / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
             viewport=VIEWPORT, device_scale_factor=1,
         )
-        context.set_default_timeout(300_000)
+        context.set_default_timeout(args.timeout * 1000)
         page = context.pages[0] if context.pages else context.new_page()
         page.goto(url)
 
-        page.locator("#example input").first.click()
-        page.get_by_role("option", name="striped star").click()
-        expect(page.locator("#upload-status")).to_contain_text("5 image(s) ready")
-        expect(page.locator("#prepared-gallery img")).to_have_count(5)
+        # The first minute: a thumbnail, then "Train and show me", then the subject in new places.
+        page.locator("#example-gallery button img").nth(EXAMPLE_INDEX).click()
+        expect(page.locator("#upload-status")).to_contain_text("image(s) ready")
+        expect(page.locator("#class-noun textarea, #class-noun input").first).to_have_value(EXAMPLE_NOUN)
         page.screenshot(path=OUT / "upload.png", full_page=True)
 
-        page.get_by_role("tab", name="2 · Train").click()
-        page.get_by_text("Hyperparameters (prefilled by the preset)").click()
-        page.locator("#start-training").click()
+        if args.steps is not None:
+            page.get_by_role("tab", name="2 · Train").click()
+            page.get_by_text("Hyperparameters (prefilled by the preset)").click()
+            for label in ("Stage 1 / TI steps", "U-Net steps"):
+                page.get_by_label(label, exact=True).fill(str(args.steps))
+                page.get_by_label(label, exact=True).press("Tab")
+            expect(page.locator("#estimate")).to_contain_text(f"({args.steps} + {args.steps} steps)")
+            page.get_by_role("tab", name="1 · Upload").click()
+        page.locator("#train-now").click()
+        expect(page.locator("#train-samples img").first).to_be_visible()
+        expect(page.locator("#train-base-samples img")).to_have_count(page.locator("#train-samples img").count())
         expect(page.locator("#train-result")).to_contain_text("Trained")
-        prompt = re.search(r"a photo of a \S+ star", page.locator("#train-result").inner_text())
         page.screenshot(path=OUT / "train.png", full_page=True)
 
-        page.get_by_role("tab", name="3 · Generate").click()
-        if prompt is not None:
-            page.locator("#prompt textarea").fill(f"{prompt.group(0)} on a blue background")
+        page.get_by_role("tab", name="3 · Generate").click()  # the prompt is already suggested
+        expect(page.locator("#prompt textarea")).to_have_value(re.compile(f"{EXAMPLE_NOUN} on a "))
         page.locator("#generate").click()
         expect(page.locator("#personal-gallery img")).to_have_count(2)
         page.screenshot(path=OUT / "generate.png", full_page=True)

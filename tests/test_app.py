@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -39,7 +40,7 @@ def free_port() -> int:
 @dataclass
 class Served:
     url: str
-    base: Path
+    base: Path | str  # a folder, or a name the app resolves (bundled:mini-shapes)
     hub: FakeHub
     work_root: Path
 
@@ -53,7 +54,7 @@ class Served:
 
 
 @contextmanager
-def running_app(base: Path, root: Path) -> Iterator[Served]:
+def running_app(base: Path | str, root: Path) -> Iterator[Served]:
     """The app on a free loopback port, on the `base` model, with its Hub calls going to a fresh fake Hub."""
     with pytest.MonkeyPatch.context() as patch, FakeHub({TOKEN: "alice", BOB_TOKEN: "bob"}) as fake:
         # HF_HUB_OFFLINE=1 (frozen into constants, maybe by another test module) would also block the loopback fake.
@@ -430,3 +431,30 @@ def test_own_photos_on_the_mini_model_are_told_what_the_demo_is(tmp_path: Path) 
     assert "3 image(s) ready" in message and MINI_WORLD_NOTE in message
     _, message = prepare_images(photos, "bundled:mini-shapes", session, own_photos=False)  # an example subject
     assert MINI_WORLD_NOTE not in message
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------------
+def test_the_user_picks_another_checkpoint_and_generate_follows_it(trained: Trained, served: Served) -> None:
+    from gradio_client.exceptions import AppError
+
+    client = trained.client
+    request = {**GENERATE, "prompt_text": trained.instance_prompt}
+    last = personalized_pixels(client.predict(trained.run, **request, base_model=str(served.base),
+                                              api_name="/generate"))
+    run = next(p for p in served.run_folders() if p.name == trained.run)
+    assert json.loads((run / "checkpoints" / "checkpoints.json").read_text())["kept_step"] == 4
+    assert client.predict("3", api_name="/pick_step") == (
+        "The run now holds the checkpoint at step 3: the Generate and Hub tabs use it.")
+    assert (run / "pytorch_lora_weights.safetensors").read_bytes() == (
+        run / "checkpoints" / "step-000003" / "pytorch_lora_weights.safetensors").read_bytes()
+    earlier = personalized_pixels(client.predict(trained.run, **request, base_model=str(served.base),
+                                                 api_name="/generate"))
+    assert not np.array_equal(earlier[0], last[0])
+    with pytest.raises(AppError, match="step 5 is not a checkpoint of this run"):
+        client.predict("5", api_name="/pick_step")
+    with pytest.raises(AppError, match="no finished run to pick a step of"):
+        served.client().predict("3", api_name="/pick_step")
+    client.predict("4", api_name="/pick_step")
+    again = personalized_pixels(client.predict(trained.run, **request, base_model=str(served.base),
+                                               api_name="/generate"))
+    np.testing.assert_array_equal(again[0], last[0])

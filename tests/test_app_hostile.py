@@ -147,7 +147,7 @@ def test_train_empty_class_noun_names_the_field(client: Client, quiet_server: No
 def test_train_nan_and_infinities(served: Served, quiet_server: None, literal: str) -> None:
     kind, data = raw_call(served, "train", f'{{"data": ["widget", "", "object", "two_stage", "lora", null, '
                                            f'{literal}, 0.001, 2, 0.001, 4, 1, 0, 10, 0, false, false, false, false, '
-                                           'false]}')
+                                           'false, 4]}')
     assert kind == "error" and data == f"Stage 1 / TI steps: must be a finite number, got {float(literal)}.", data
 
 
@@ -275,3 +275,17 @@ def test_a_mixed_upload_is_judged_file_by_file(served: Served, tmp_path: Path, q
     for skipped in kept.skipped:
         assert f"- note: {skipped}" in message
     assert sorted(s.name for s in kept.skipped) == sorted(n for n, o in expected.items() if o == "skipped")
+
+
+# ---- /pick_step ------------------------------------------------------------------------------------------------------
+PICKER = "Step the run keeps (what Generate and Hub use)"
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("3", "Train a model first: there is no finished run to pick a step of."),
+    ("x" * 400, f"{PICKER}: {'x' * 80!r} is not one of the choices (none yet)."),
+    (7, f"{PICKER}: '7' is not one of the choices (none yet)."),
+    ({"a": 1}, f"{PICKER}: \"{{'a': 1}}\" is not one of the choices (none yet)."),
+])
+def test_pick_step_values(client: Client, quiet_server: None, value: object, says: str) -> None:
+    assert refused(client, "/pick_step", value) == says

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from personalization.device import BUNDLED_MINI_MODEL
+from personalization.mini_world.world import COLOR_NAMES, SHAPES
 from scripts.chromium import CHROMIUM, CHROMIUM_ARGS, VIEWPORT
 from tests.test_app import TOKEN, Served, assert_no_token, assert_no_token_in_files, running_app
 
@@ -169,10 +171,47 @@ def test_click_through_upload_train_generate_and_push(
             shutil.copyfile(shots / f"{name}.png", SCREENSHOTS / f"{name}.png")
 
 
-def test_an_example_thumbnail_then_train_and_show_me(browser_app: Served, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def mini_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The app as the CPU Space runs it: on the bundled mini model."""
+    if os.environ.get("SKIP_BROWSER_TESTS") == "1":
+        pytest.skip("SKIP_BROWSER_TESTS=1")
+    if not CHROMIUM.is_file():
+        pytest.fail(f"the browser tests need Debian's chromium at {CHROMIUM}", pytrace=False)
+    with running_app(BUNDLED_MINI_MODEL, tmp_path_factory.mktemp("mini-app")) as running:
+        yield running
+
+
+# Every text #train-progress shows, in order, kept by the page itself: a step's line may be replaced before a
+# Playwright poll could read it.
+RECORD_PROGRESS = """() => {
+    const box = document.querySelector('#train-progress');
+    window.progressTexts = [];
+    new MutationObserver(() => window.progressTexts.push(box.innerText))
+        .observe(box, {childList: true, subtree: true, characterData: true});
+}"""
+MINI_WORDS = {"a", "photo", "of", "on", "background", *COLOR_NAMES, *SHAPES}
+
+
+def clock_seconds(text: str) -> int:
+    """'1:05' or '1:02:03' -> seconds."""
+    seconds = 0
+    for part in text.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
+def words_outside_the_mini_world(prompt: str) -> set[str]:
+    return {word for word in prompt.split() if not re.fullmatch(r"<[^>]+>", word)} - MINI_WORDS
+
+
+def test_an_example_thumbnail_then_train_and_show_me(mini_app: Served, tmp_path: Path) -> None:
+    """The CPU Space's first minute: an example thumbnail, 'Train and show me', the grid; an honest first ETA and
+    suggestions the mini model can draw."""
     from playwright.sync_api import expect
 
-    with browser_page(browser_app.url, tmp_path / "profile") as (_, page):
+    with browser_page(mini_app.url, tmp_path / "profile") as (_, page):
+        expect(page.locator("#mini-world-note")).to_contain_text("shapes")  # said before any upload
         thumbnails = page.locator("#example-gallery button img")
         expect(thumbnails).to_have_count(4)
         thumbnails.first.click()
@@ -184,18 +223,53 @@ def test_an_example_thumbnail_then_train_and_show_me(browser_app: Served, tmp_pa
         expect(page.locator("#upload-status")).to_contain_text("4 image(s) ready")
         expect(page.locator("#prepared-gallery img")).to_have_count(4)
 
-        # Few steps, so the test is quick; everything else stays at the defaults.
+        # Enough steps that training, not loading, is most of the estimate and the steps are seen going by;
+        # few enough that the walk stays quick on two cores. Everything else stays at the defaults.
         page.get_by_role("tab", name="2 · Train").click()
         page.get_by_text("Hyperparameters (prefilled by the preset)").click()
         for label in ("Stage 1 / TI steps", "U-Net steps"):
-            page.get_by_label(label, exact=True).fill("3")
+            page.get_by_label(label, exact=True).fill("60")
             page.get_by_label(label, exact=True).press("Tab")
-        expect(page.locator("#estimate")).to_contain_text("(3 + 3 steps)")
+        expect(page.locator("#estimate")).to_contain_text("(60 + 60 steps)")
+        shown = re.search(r"about (\d+(?::\d\d)+)", page.locator("#estimate").inner_text())
+        assert shown is not None, page.locator("#estimate").inner_text()
+        estimate_s = clock_seconds(shown[1])
+        page.evaluate(RECORD_PROGRESS)
         page.get_by_role("tab", name="1 · Upload").click()
         page.locator("#train-now").click()  # straight from the example to its trained model in new places
         expect(page.get_by_role("tab", name="2 · Train")).to_have_attribute("aria-selected", "true")
-        expect(page.locator("#train-samples img").first).to_be_visible(timeout=120_000)
+        expect(page.locator("#train-samples img").first).to_be_visible(timeout=400_000)  # minutes on a loaded machine
         samples = page.locator("#train-samples img").count()
         expect(page.locator("#train-base-samples img")).to_have_count(samples)  # the base, same seeds
         expect(page.locator("#train-result")).to_contain_text("Trained")
 
+        # The checkpoints (60 + 60 steps: stage 1's end and four over stage 2), scored by the mini world's checker:
+        # the curve with the recommended step, the same sample at each, and a step the user picks instead.
+        expect(page.locator("#checkpoint-summary svg")).to_be_visible()
+        expect(page.locator("#checkpoint-summary")).to_contain_text("recommended")
+        expect(page.locator("#checkpoint-grid img")).to_have_count(5)
+        grid_captions = page.locator("#checkpoint-grid .caption-label").all_inner_texts()
+        assert [caption.split(" · ")[0] for caption in grid_captions] == [f"step {n}" for n in (60, 75, 90, 105, 120)]
+        assert sum("recommended" in caption for caption in grid_captions) == 1, grid_captions
+        page.locator("#step-picker input").click()
+        page.get_by_role("option", name=re.compile(r"^step 60\b")).click()
+        page.locator("#pick-step").click()
+        expect(page.locator("#pick-message")).to_contain_text("holds the checkpoint at step 60")
+
+        # The first ETA the page showed comes from the estimate it showed before Start, not from the warm-up.
+        texts: list[str] = page.evaluate("window.progressTexts")
+        etas = [eta[1] for text in texts if (eta := re.search(r"ETA (\d+(?::\d\d)+)", text))]
+        assert etas, texts
+        assert estimate_s / 2 <= clock_seconds(etas[0]) <= estimate_s * 2, (shown[1], etas[:5])
+
+        # Everything suggested is in the mini world's words: the grid's prompts (the card's widget) and the
+        # Generate tab's prompt.
+        instance = re.search(r"a photo of a \S+ heart", page.locator("#train-result").inner_text())
+        assert instance is not None
+        captions = page.locator("#train-samples .caption-label, #train-base-samples .caption-label").all_inner_texts()
+        assert len(captions) == 2 * samples, captions
+        page.get_by_role("tab", name="3 · Generate").click()
+        expect(page.locator("#prompt textarea")).to_have_value(re.compile(re.escape(instance[0])))
+        suggested = page.locator("#prompt textarea").input_value()
+        for prompt in [suggested, *(caption.removeprefix("base · ") for caption in captions)]:
+            assert not words_outside_the_mini_world(prompt), prompt

@@ -158,7 +158,8 @@ def test_every_config_field_is_reachable_from_the_command_line():
         "prior_loss_weight": 0.5, "train_text_encoder": True, "seed": 3, "mixed_precision": "bf16",
         "gradient_checkpointing": True, "use_8bit_adam": True, "compile_unet": True,
         "validation_prompts": ["a zwx teddy bear", "a zwx teddy bear in snow"], "preview_interval": 5,
-        "sample_count": 2, "sample_steps": 9, "guidance_scale": 3.5,
+        "sample_count": 2, "sample_steps": 9, "guidance_scale": 3.5, "checkpoints": 6, "keep_step": "last",
+        "score_checkpoints": False,
     }
     options = []
     for spec in config_fields():

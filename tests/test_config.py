@@ -116,9 +116,25 @@ def test_default_trigger_is_a_bracketed_slug():
 def test_the_mini_world_gets_prompts_in_its_own_vocabulary():
     config = TrainingConfig(class_noun="star", base_model="bundled:mini-shapes").resolved()
     assert config.prompt_templates == ["a photo of a {trigger} {noun}", "a {trigger} {noun}"]
-    assert config.sample_prompts()[1] == "a photo of a <my-star> star on a blue background"
+    assert config.sample_prompts() == [f"a photo of a <my-star> star on a {colour} background"
+                                       for colour in ("blue", "green", "yellow", "black")]
     sd = TrainingConfig(class_noun="dog", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").resolved()
-    assert len(sd.prompt_templates) == 8 and sd.sample_prompts()[1].endswith("on the beach")
+    assert len(sd.prompt_templates) == 8 and sd.sample_prompts()[0].endswith("on the beach")
+
+
+@pytest.mark.parametrize("base_model", ["bundled:mini-shapes", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
+def test_samples_show_the_subject_in_new_places(base_model):
+    """One sample per context (the Train tab's grid and the card's widget); the user's own prompts still win."""
+    for count in (1, 3, 4, 6):
+        config = TrainingConfig(class_noun="dog", base_model=base_model, sample_count=count).resolved()
+        contexts = config.context_prompts()
+        assert len(contexts) >= 4
+        assert config.sample_prompts() == [contexts[index % len(contexts)] for index in range(count)]
+        assert config.instance_prompt() not in config.sample_prompts()
+    # No samples: still one prompt, since the trainer's preview draws the first.
+    assert TrainingConfig(class_noun="dog", base_model=base_model, sample_count=0).sample_prompts() == contexts[:1]
+    mine = TrainingConfig(class_noun="dog", base_model=base_model, validation_prompts=["a <my-dog> dog asleep"])
+    assert mine.sample_prompts() == ["a <my-dog> dog asleep"]
 
 
 def test_mini_world_defaults_follow_the_measurements():
@@ -197,7 +213,7 @@ def test_a_resolved_config_cannot_be_built_with_a_gap():
 def test_an_older_training_config_json_still_loads(tmp_path):
     """A file written before a field existed loads with that field's default, as either type."""
     saved = TrainingConfig(class_noun="dog", method="dreambooth").resolved().to_dict()
-    for newer in ("compile_unet", "stage1_weight_decay", "center_crop"):
+    for newer in ("compile_unet", "stage1_weight_decay", "center_crop", "checkpoints", "keep_step"):
         del saved[newer]
     path = tmp_path / "training_config.json"
     path.write_text(json.dumps(saved))
@@ -209,9 +225,11 @@ def test_an_older_training_config_json_still_loads(tmp_path):
 # What training_config.json holds for a default run (trainer.write_json: sorted keys, indent 2). Changing a field's
 # name, default or derivation changes saved files; this says so on purpose.
 SAVED_DEFAULT_TWO_STAGE = {
-    "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "center_crop": True, "class_images": 100,
+    "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "center_crop": True, "checkpoints": 4,
+    "class_images": 100,
     "class_noun": "dog", "class_prompt": "a photo of a dog", "compile_unet": False, "flip": False,
-    "gradient_checkpointing": False, "guidance_scale": 5.0, "init_word": "dog", "lora_alpha": 16, "lora_rank": 16,
+    "gradient_checkpointing": False, "guidance_scale": 5.0, "init_word": "dog", "keep_step": "best",
+    "lora_alpha": 16, "lora_rank": 16,
     "max_batch_size": 4, "max_grad_norm": 1.0, "method": "two_stage", "mixed_precision": "auto",
     "preview_interval": 0, "prior_loss_weight": 1.0, "prior_preservation": False,
     "prompt_templates": [
@@ -220,7 +238,7 @@ SAVED_DEFAULT_TWO_STAGE = {
         "a close-up photo of a {trigger} {noun}", "a bright photo of the {trigger} {noun}",
         "a good photo of a {trigger} {noun}", "a photo of one {trigger} {noun}",
     ],
-    "resolution": 512, "sample_count": 4, "sample_steps": 25, "seed": 0, "snr_gamma": 5.0,
+    "resolution": 512, "sample_count": 4, "sample_steps": 25, "score_checkpoints": True, "seed": 0, "snr_gamma": 5.0,
     "stage1_learning_rate": 0.005, "stage1_steps": 400, "stage1_weight_decay": 0.0, "stage2_learning_rate": 0.0001,
     "stage2_mode": "lora", "stage2_steps": 300, "subject_type": "object", "train_text_encoder": False,
     "trigger_token": "<my-dog>", "use_8bit_adam": False, "validation_prompts": [],
@@ -254,7 +272,7 @@ def test_the_form_fields_are_the_apps_hyperparameters():
     assert [spec.name for spec in form_fields()] == [
         "stage1_steps", "stage1_learning_rate", "stage2_steps", "stage2_learning_rate", "max_batch_size", "lora_rank",
         "prior_preservation", "class_images", "train_text_encoder", "seed", "gradient_checkpointing",
-        "use_8bit_adam", "compile_unet", "preview_interval",
+        "use_8bit_adam", "compile_unet", "preview_interval", "checkpoints",
     ]
     labels = {spec.name: spec.info.label for spec in form_fields()}
     assert labels["stage1_steps"] == "Stage 1 / TI steps" and labels["max_batch_size"] == "Images per step"

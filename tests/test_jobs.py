@@ -177,3 +177,15 @@ def test_busy_is_seen_from_another_process(tmp_path):
     assert workspace.busy
     child.communicate("done\n", timeout=60)
     assert not workspace.busy
+
+
+def test_the_estimate_counts_every_checkpoints_samples_and_the_mini_worlds_probes():
+    from personalization.config import BUNDLED_MINI_MODEL, TrainingConfig
+    from personalization.jobs import checkpoint_images
+
+    mini = TrainingConfig(class_noun="star", base_model=BUNDLED_MINI_MODEL).resolved()
+    assert checkpoint_images(mini) == 5 * 4 + 5 * 16 + 12  # 400 + 300 steps: stage 1's end and 4 over stage 2
+    assert checkpoint_images(TrainingConfig(class_noun="star", base_model=BUNDLED_MINI_MODEL, checkpoints=0,
+                                            score_checkpoints=False).resolved()) == 2 * 4
+    sd = TrainingConfig(class_noun="dog", base_model=SD15_HUB_ID).resolved()
+    assert checkpoint_images(sd) == 5 * 4  # scored only where CLIP and DINO are at hand: not counted

@@ -29,6 +29,14 @@ def test_config_and_card_hold_no_absolute_path_or_secret(artifact, tiny_base):
     assert TrainingConfig.from_dict(saved).validate().trigger_token == "<my-box>"
 
 
+def test_trained_card_widget_pairs_each_sample_with_its_new_context(artifact):
+    config = TrainingConfig.from_dict(json.loads((artifact / "training_config.json").read_text()))
+    widget = ModelCard.load(artifact / "README.md").data.to_dict()["widget"]
+    assert [(entry["text"], entry["output"]["url"]) for entry in widget] == [
+        (prompt, f"samples/sample_{index}.png") for index, prompt in enumerate(config.context_prompts()[:2])]
+    assert all((artifact / entry["output"]["url"]).is_file() for entry in widget)
+
+
 def test_card_metadata_for_a_hub_base_lora():
     config = TrainingConfig(class_noun="dog", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                             resolution=512).resolved()
@@ -42,11 +50,30 @@ def test_card_metadata_for_a_hub_base_lora():
     assert data["instance_prompt"] == "a photo of a <my-dog> dog"
     assert {"text-to-image", "diffusers", "lora", "textual_inversion", "template:sd-lora",
             "two-stage-personalization"} <= set(data["tags"])
-    assert data["widget"][0]["output"]["url"] == "samples/sample_0.png"
+    assert data["widget"] == [{"text": f"{config.instance_prompt()} on the beach",
+                               "output": {"url": "samples/sample_0.png"}}]
     assert 'pipe.load_textual_inversion("alice/my-dog")' in card.text
     assert 'pipe.load_lora_weights("alice/my-dog")' in card.text
     # The YAML is real YAML: it parses back to the same metadata.
     assert ModelCard(str(card)).data.to_dict()["instance_prompt"] == "a photo of a <my-dog> dog"
+
+
+def test_card_widget_shows_the_subject_in_new_places_in_words_the_mini_model_knows():
+    """The widget gallery is the Train tab's grid: sample i drawn from sample_prompts()[i], each a new context."""
+    from personalization.device import BUNDLED_MINI_MODEL
+    from personalization.mini_world.world import COLOR_NAMES, SHAPES
+
+    config = TrainingConfig(class_noun="star", base_model=BUNDLED_MINI_MODEL).resolved()
+    names = [f"sample_{index}.png" for index in range(config.sample_count)]
+    widget = build_model_card(config, {"stages": []}, names).data.to_dict()["widget"]
+    assert [entry["text"] for entry in widget] == config.sample_prompts()
+    assert [entry["output"]["url"] for entry in widget] == [f"samples/{name}" for name in names]
+    assert len(widget) == 4 and len({entry["text"] for entry in widget}) == 4
+    vocabulary = {"a", "photo", "of", "on", "background", *COLOR_NAMES, *SHAPES}
+    for entry in widget:
+        assert entry["text"] in config.context_prompts()
+        words = set(entry["text"].replace(config.trigger_token, "").split())
+        assert words <= vocabulary, words - vocabulary
 
 
 def test_full_unet_card_swaps_the_unet():

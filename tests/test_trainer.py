@@ -251,7 +251,7 @@ def test_batches_take_distinct_subject_images_up_to_the_batch_size_with_flips(ti
     latents = marked_latents(originals + [100.0 + i for i in range(count)] if flip else originals)
     ctx = dataclasses.replace(stage_context(components, config, subject_dir, None), subject_latents=latents,
                               flip_offset=count if flip else None)
-    batches = Batches(stage, ctx, components.text_encoder, torch.Generator("cpu").manual_seed(0))
+    batches = Batches(stage, ctx, components.text_encoders, torch.Generator("cpu").manual_seed(0))
     size = min(max_batch_size, count)
     seen, flipped, walk = set(), 0, []
     for _ in range(40):
@@ -267,7 +267,7 @@ def test_batches_take_distinct_subject_images_up_to_the_batch_size_with_flips(ti
         conditioning = batches.conditioning(prompt_index)  # text frozen: the cached conditionings, the same values
         with torch.no_grad():
             expected = components.text_encoder(batches.prompt_ids[prompt_index])[0]
-        assert torch.equal(conditioning, expected)
+        assert torch.equal(conditioning.encoder_hidden_states, expected) and conditioning.added_cond_kwargs is None
     assert seen == set(originals)
     assert (flipped > 0) == flip and flipped < 40 * size
     if count // size >= 2:  # a shuffled order is walked a batch at a time before it is reshuffled
@@ -283,7 +283,7 @@ def test_class_batches_match_the_subject_batch_size_with_the_class_prompt(tiny_b
     stage = recipe_for(config).stages[0]
     ctx = dataclasses.replace(stage_context(components, config, subject_dir, None),
                               class_latents=marked_latents([-1.0, -2.0]))
-    batches = Batches(stage, ctx, components.text_encoder, torch.Generator("cpu").manual_seed(0))
+    batches = Batches(stage, ctx, components.text_encoders, torch.Generator("cpu").manual_seed(0))
     assert batches.prior_preservation
     with torch.no_grad():
         class_conditioning = components.text_encoder(batches.class_ids)[0]
@@ -292,8 +292,9 @@ def test_class_batches_match_the_subject_batch_size_with_the_class_prompt(tiny_b
         batches.subject()
         latents, conditioning = batches.classes()
         seen |= set(marks_of(latents))
-        assert latents.shape[0] == 2 and conditioning.shape[0] == 2
-        assert torch.equal(conditioning.detach(), class_conditioning.expand(2, -1, -1))
+        hidden = conditioning.encoder_hidden_states
+        assert latents.shape[0] == 2 and hidden.shape[0] == 2
+        assert torch.equal(hidden.detach(), class_conditioning.expand(2, -1, -1))
     assert seen == {-1.0, -2.0}
 
 

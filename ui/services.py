@@ -15,10 +15,11 @@ from pathlib import Path
 from PIL import Image
 
 from personalization.artifacts import ArtifactError
-from personalization.device import BUNDLED_MINI_MODEL, SD15_HUB_ID
+from personalization.device import BUNDLED_MINI_MODEL, SD15_HUB_ID, memory_refusal
+from personalization.families import SDXL, SDXL_HUB_ID
 from personalization.generation import GenerationRequest, Generator
 from personalization.images import SubjectImages
-from personalization.jobs import SessionCleaner, TrainingJob, Workspace, zero_gpu_generation_seconds
+from personalization.jobs import CARD_BYTES, SessionCleaner, TrainingJob, Workspace, zero_gpu_generation_seconds
 from ui.fields import UserError
 from ui.zerogpu import gpu, on_zero_gpu
 
@@ -53,6 +54,7 @@ class Services:
     generator: Generator
     hardware: str
     work_root: Path = field(default_factory=default_work_root)
+    gpu_bytes: int | None = field(default_factory=lambda: training_gpu_bytes())  # None: no GPU to train on
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     # A Space runs for weeks: idle session folders go as new sessions arrive, not only at start.
     cleaner: SessionCleaner = field(default_factory=lambda: SessionCleaner(max_age_hours=24.0, interval_s=600.0))
@@ -81,8 +83,16 @@ class Services:
 
     @property
     def base_choices(self) -> list[str]:
+        sdxl = [SDXL_HUB_ID] if self.sdxl_refusal() is None else []
         return list(dict.fromkeys([self.default_base, os.environ.get("BASE_MODEL") or self.default_base,
-                                   SD15_HUB_ID, BUNDLED_MINI_MODEL]))
+                                   SD15_HUB_ID, *sdxl, BUNDLED_MINI_MODEL]))
+
+    def sdxl_refusal(self) -> str | None:
+        """Why SDXL is not offered on this machine (one sentence saying what would fit), or None where its LoRA fits
+        the memory plan (device.memory_refusal). Never on a CPU: a 1024 px SDXL step there takes minutes."""
+        if self.gpu_bytes is None:
+            return "Stable Diffusion XL needs a GPU with about 24 GB (a LoRA with gradient checkpointing)."
+        return memory_refusal(SDXL, self.gpu_bytes, full_unet=False)
 
     def checked_base(self, base_model: str | None) -> str:
         """The base model a client asked for, if this server offers it.
@@ -96,7 +106,9 @@ class Services:
         is_hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~")) and ".." not in base
         if is_hub_id and os.environ.get("ALLOW_ANY_BASE_MODEL") == "1":
             return base
-        raise ValueError(f"base model '{base[:80]}' is not offered here (choose one from the list)")
+        why = self.sdxl_refusal() if base == SDXL_HUB_ID else None
+        raise ValueError(f"base model '{base[:80]}' is not offered here " + (f"({why})" if why else
+                                                                            "(choose one from the list)"))
 
     def session(self, session: Session | None) -> Session:
         """The browser session's state, created (with its own folder) on its first call."""
@@ -124,6 +136,18 @@ def bundled_tokenizer():
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(ROOT / "personalization" / "assets" / "clip_tokenizer")
+
+
+def training_gpu_bytes() -> int | None:
+    """The memory of the GPU trainings run on: ZeroGPU's card (no CUDA in this process there), the local one, or
+    None without a GPU."""
+    if on_zero_gpu():
+        return CARD_BYTES["h200"]
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def hardware_name() -> str:

@@ -15,7 +15,8 @@ from personalization.jobs import TrainingJob, estimate_seconds
 from personalization.methods import DEFAULT_METHOD, method_spec
 from personalization.progress import format_seconds
 from personalization.tokens import strip_trigger
-from ui.fields import FormRadio, UserError
+from ui.checkpoints_view import checkpoint_view, pick
+from ui.fields import FormDropdown, FormRadio, UserError
 from ui.services import Services, Session, for_display
 from ui.train_form import build_form, method_choices, wire_form
 from ui.training import INVALID, TrainingRuns, form_to_config, progress_html
@@ -61,6 +62,20 @@ def base_images(services: Services, job: TrainingJob, prompts: list[str]) -> lis
             for images, request in zip(drawn, requests, strict=True)]
 
 
+def build_checkpoints() -> dict[str, Any]:
+    """The finished run's checkpoints (ui.checkpoints_view): hidden until a run ends."""
+    summary = gr.HTML(visible=False, elem_id="checkpoint-summary")
+    grid = gr.Gallery(label="The same sample at every checkpoint", columns=6, height=180, visible=False,
+                      elem_id="checkpoint-grid")
+    with gr.Row():
+        # The steps differ per run: the handler checks the value against the run's own checkpoints.
+        picker = FormDropdown([], label="Step the run keeps (what Generate and Hub use)", allow_custom_value=True,
+                              visible=False, elem_id="step-picker")
+        pick_button = gr.Button("Use this step", visible=False, elem_id="pick-step")
+    message = gr.Markdown(elem_id="pick-message")
+    return {"summary": summary, "grid": grid, "picker": picker, "pick": pick_button, "message": message}
+
+
 def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdown,
                     upload: dict[str, Any]) -> dict[str, Any]:
     runs = TrainingRuns(services)
@@ -82,6 +97,7 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
                               visible=False, elem_id="train-base-samples")
     samples = gr.Gallery(label="Your subject in new places (the samples its model card shows)", columns=4,
                          height=200, visible=False, elem_id="train-samples")
+    checkpoints = build_checkpoints()
     form = {"class_noun": upload["class_noun"], "trigger": upload["trigger"], "subject_type": upload["subject_type"],
             "method": method, "stage2_mode": stage2_mode, "base_model": base_model, **widgets}
     names = {component: name for name, component in form.items()}
@@ -105,7 +121,13 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
     def show_samples(session_value: Session | None):
         return trained_samples(services, session_value)
 
-    run_event.then(show_samples, session, [base_samples, samples], api_visibility="undocumented")
+    shown = run_event.then(show_samples, session, [base_samples, samples], api_visibility="undocumented")
+    checkpoint_outputs = [checkpoints["summary"], checkpoints["grid"], checkpoints["picker"], checkpoints["pick"]]
+    shown.then(checkpoint_view, session, checkpoint_outputs, api_visibility="undocumented")
+    picked = checkpoints["pick"].click(pick, [session, checkpoints["picker"]], checkpoints["message"],
+                                       api_name="pick_step")
+    picked.success(show_samples, session, [base_samples, samples], api_visibility="undocumented").then(
+        checkpoint_view, session, checkpoint_outputs, api_visibility="undocumented")
     cancel.click(runs.cancel, session, status, api_name="cancel", queue=False)
     return {"run_event": run_event, "run": run, "samples": [base_samples, samples], "show_samples": show_samples,
             "estimate": estimate,

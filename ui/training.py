@@ -14,9 +14,12 @@ import gradio as gr
 
 from personalization.artifacts import read_artifact
 from personalization.config import ConfigError, ResolvedConfig, TrainingConfig, form_fields
+from personalization.device import memory_refusal
+from personalization.families import SD15, check_options
 from personalization.images import ImageError, SubjectImages
 from personalization.jobs import (
     TrainingJob,
+    base_family,
     describe_failure,
     run_streamed,
     subject_at,
@@ -71,6 +74,17 @@ def training_seconds(config: TrainingConfig, subject_images: SubjectImages, outp
     return zero_gpu_seconds(config, config.base_model or "")
 
 
+def check_memory(services: Services, config: ResolvedConfig) -> None:
+    """Refuse, before anything loads, a run of a large family (SDXL) that this GPU cannot hold even with the memory
+    options on, in one sentence saying what would fit. SD-1.x bases are left to the trainer's own memory plan."""
+    family = base_family(config.base_model or services.default_base)
+    if family is SD15:
+        return
+    refusal = memory_refusal(family, services.gpu_bytes, full_unet=not config.uses_lora)
+    if refusal:
+        raise ValueError(refusal)
+
+
 class TrainingRuns:
     """Starts, follows and cancels the trainings of the app's sessions, one per GPU at a time."""
 
@@ -108,6 +122,8 @@ class TrainingRuns:
         subject = subject_at(resolution, session.subject, session.resolution, session.subject_files)
         session.subject, session.resolution = subject, resolution
         config = form_to_config({**values, "base_model": base}, resolution)
+        check_options(base_family(base), config.train_text_encoder)
+        check_memory(self.services, config)
         cancel_flag = CancelFlag(session.workspace.cancel_file)
         cancel_flag.reset()
         output = session.workspace.new_run_dir(f"{config.method}-{config.class_noun}")

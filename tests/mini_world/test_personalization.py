@@ -26,14 +26,17 @@ def test_two_stage_learns_the_subject_and_keeps_the_class(tmp_path, generator):
     subject = EXAMPLES / "striped_star"
     info = json.loads((subject / "subject.json").read_text())
     # The default recipe, as the app and the CLI run it on a CPU.
-    config = TrainingConfig(class_noun=info["class_noun"], base_model=BUNDLED_MINI_MODEL, sample_count=0, seed=0)
+    # The last step, unscored: this test is about the method (tests/test_snapshots.py covers the checkpoints).
+    config = TrainingConfig(class_noun=info["class_noun"], base_model=BUNDLED_MINI_MODEL, sample_count=0, seed=0,
+                            checkpoints=0, score_checkpoints=False)
     artifact = train(config, subject, tmp_path / "star").output_dir
     references = load_subject_images(subject, 32).images
-    scores = score_personalization(generator, artifact, references, info["colors"], seeds=3, steps=20)
+    scores = score_personalization(generator, artifact, references, info["colors"], seeds=3, class_probes=6,
+                                   steps=20)
     # Learning: the trigger prompt draws the subject far better than the base model draws "a photo of a star".
     assert scores.subject_fidelity >= 2 * scores.base_subject_fidelity, scores
     assert scores.subject_fidelity >= 0.15, scores
     # Prompt fidelity: the requested background is kept with the trigger.
     assert scores.background_accuracy >= 2 / 3, scores
-    # Keeping: class prompts without the trigger keep their colour accuracy (one miss in three allowed).
+    # Keeping: class prompts without the trigger keep their colour accuracy (two misses in six allowed).
     assert scores.color_drift <= 1 / 3 + 1e-9, scores
