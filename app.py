@@ -13,6 +13,11 @@ from typing import Any
 # Library notices at import time (e.g. "requires torchvision, falling back") would bury the app's own messages.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from ui.zerogpu import on_zero_gpu
+
+if on_zero_gpu():
+    import spaces  # noqa: F401  first, as the package asks: it patches torch before anything touches CUDA
+
 import gradio as gr
 
 from personalization.device import BUNDLED_MINI_MODEL, MINI_MODEL_DIR, default_base_model
@@ -67,6 +72,7 @@ def build_app(services: Services | None = None) -> gr.Blocks:
     services = services or Services(default_base=os.environ.get("BASE_MODEL") or default_base_model(),
                                     generator=Generator(), hardware=hardware_name())
     services.cleaner.maybe_clean(services.work_root, now=True)
+    services.warm_up()
     with CheckedBlocks(title="Personalize a diffusion model") as demo:
         session = gr.State(None)
         base_model = header(services)

@@ -12,13 +12,12 @@
 set -euo pipefail
 PART="${1:?usage: cuda_session.sh a|b|c|d|e}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python3}"
 MODEL="${MODEL:-sd15-random}"
 RESULTS="${OUT:-$ROOT/benchmarks/results}"
 mkdir -p "$RESULTS"
-if ! "$PYTHON" -c "import diffusers, peft" 2>/dev/null; then
-  "$PYTHON" -m pip install --quiet --no-deps "$ROOT"/.whl/*.whl
-fi
+# shellcheck source=scripts/gpu_env.sh
+source "$ROOT/scripts/gpu_env.sh"
+gpu_report
 steps=()
 if [ -n "${STEPS:-}" ]; then steps=(--steps "$STEPS"); fi
 speed() { "$PYTHON" "$ROOT/benchmarks/speed.py" --model "$MODEL" "$@"; }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import queue
 import re
 import shutil
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import ArtifactError, ArtifactInfo, clean_stale_staging, process_alive, read_artifact
-from .config import ConfigError, TrainingConfig, is_mini_world_model
+from .config import GENERATION_DEFAULTS, ConfigError, TrainingConfig, is_mini_world_model
 from .device import SD15_HUB_ID, plan_memory
 from .families import SD15, SDXL, SDXL_HUB_ID, Family, FamilyError
 from .images import ImageError, SubjectImages, sort_subject_images
@@ -166,6 +167,7 @@ class TrainingJob:
     result: object | None = None
     _events: queue.Queue = field(default_factory=queue.Queue)
     _thread: threading.Thread | None = None
+    _elsewhere: bool = False  # run by another job, maybe in another process (ZeroGPU's worker): see run_elsewhere
 
     def start(self) -> TrainingJob:
         from .trainer import train  # importing jobs stays light for the UI
@@ -183,21 +185,41 @@ class TrainingJob:
         self._thread.start()
         return self
 
+    def run_elsewhere(self, stream: Iterator[tuple]) -> Iterator[ProgressEvent]:
+        """Follow a run of this job done elsewhere: ``stream`` is :func:`run_streamed` of its config, images, folder
+        and cancel file, maybe in another process whose yields are pickled back (ZeroGPU's GPU worker). Its events
+        are passed on; its outcome becomes this job's. Cancel works through the cancel file; closing this iterator
+        (a closed browser tab) cancels the run and closes ``stream``."""
+        self._elsewhere = True
+        try:
+            for kind, *value in stream:
+                if kind == "event":
+                    yield value[0]
+                else:
+                    self.result, self.error = value
+        except Exception as error:  # the call itself failed (ZeroGPU: no GPU granted, the worker died)
+            self.error = error
+        finally:
+            if self.state == "running":
+                self.cancel_flag.cancel()
+                self.error = TrainingCancelled("training was cancelled; no model was written")
+            stream.close()
+
     def cancel(self) -> None:
         self.cancel_flag.cancel()
-        if self._thread is None and self.error is None:  # never started: it ends here
+        if not self.started and self.error is None:  # never started: it ends here
             self.error = TrainingCancelled("training was cancelled before it started; nothing was trained")
 
     @property
     def started(self) -> bool:
-        return self._thread is not None
+        return self._thread is not None or self._elsewhere
 
     @property
     def state(self) -> str:
         """"waiting" (created, not started: e.g. queued for the GPU), "running" or "ended"."""
         if self.result is not None or self.error is not None:
             return "ended"
-        return "waiting" if self._thread is None else "running"
+        return "running" if self.started else "waiting"
 
     def events(self, poll_seconds: float = 0.25) -> Iterator[ProgressEvent]:
         """Progress events until the run ends; only the newest of a burst is kept, plus every preview."""
@@ -228,6 +250,35 @@ class TrainingJob:
     @property
     def failure_message(self) -> str | None:
         return None if self.error is None else describe_failure(self.error)
+
+
+def run_streamed(config: TrainingConfig, subject_images: SubjectImages, output_dir: Path,
+                 cancel_file: Path) -> Iterator[tuple]:
+    """One training where the GPU is, as a stream of picklable values: ("event", ProgressEvent) while it runs, then
+    ("end", result, error). On ZeroGPU this runs in a forked worker and each value is pickled back to the server, so
+    nothing here may rely on changing the server's objects; cancelling goes through ``cancel_file``. Closed early, it
+    cancels the run and waits for it to stop."""
+    job = TrainingJob(config, subject_images, output_dir, cancel_flag=CancelFlag(cancel_file))
+    job.start()
+    try:
+        yield from (("event", event) for event in job.events())
+    finally:
+        if job.state == "running":
+            job.cancel()
+        job.wait()
+    yield "end", job.result, portable_error(job.error)
+
+
+def portable_error(error: BaseException | None) -> BaseException | None:
+    """``error`` if it survives pickling (a ZeroGPU worker hands it back pickled), else a RuntimeError saying what
+    it was, so :func:`describe_failure` still has its message."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
 
 
 class Workspace:
@@ -388,3 +439,19 @@ def zero_gpu_seconds(config: TrainingConfig, base_model: str) -> int:
     """GPU time to ask ZeroGPU for: the estimate plus half again and 30 s, within what ZeroGPU allows."""
     estimate = estimate_seconds(config, ZERO_GPU_CARD, base_model)
     return int(min(max(60, estimate * 1.5 + 30), ZERO_GPU_MAX_SECONDS))
+
+
+# Applying an artifact in a GPU call: a LoRA or an embedding loads in a second or two, a full U-Net (1.7 GB in fp16)
+# in several. The base pipeline is not counted: the Space builds it at start-up, outside GPU time (ui/zerogpu.py).
+APPLY_SECONDS = 10.0
+
+
+def zero_gpu_generation_seconds(image_count: int, steps: int, resolution: int | None, base_model: str) -> int:
+    """GPU time to ask ZeroGPU for ``image_count`` images of ``steps`` steps: the sample-image cost of
+    :data:`STEP_SECONDS` (a default-steps image) scaled by steps and pixels, and the artifact's load, plus half
+    again."""
+    key = hardware_key(ZERO_GPU_CARD, base_model)
+    scale = (resolution / 512) ** 2 if resolution else 1.0
+    per_image = STEP_SECONDS[key][3] * steps / GENERATION_DEFAULTS.steps * scale
+    estimate = APPLY_SECONDS + image_count * per_image
+    return int(min(max(30, estimate * 1.5), ZERO_GPU_MAX_SECONDS))

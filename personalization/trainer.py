@@ -28,6 +28,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
@@ -894,6 +895,9 @@ def _load(config: TrainingConfig, base_path: str, tokenizer: CLIPTokenizer, plac
     recipe: Recipe = recipe_for(config)
     placement = placement or choose_placement(config.mixed_precision)
     torch.manual_seed(config.seed)
+    # accelerate keeps one precision per process and refuses another: a second run in the same process (a server, a
+    # test, a notebook) with another precision would fail. Its process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=placement.mixed_precision, cpu=placement.device.type == "cpu")
     if accelerator.num_processes > 1:
         placement = Placement(accelerator.device, placement.mixed_precision)

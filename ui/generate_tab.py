@@ -104,12 +104,10 @@ def generate(services: Services, choice: str | None, prompt_text: str, negative_
                                     steps=int(steps_value), guidance_scale=float(guidance_value),
                                     lora_scale=float(scale), num_images=int(images)).validate()
         folder = resolve_source(session, choice)
-        with services.generation_lock():
-            base = base_for(services, read_artifact(folder), services.checked_base(base_model))
-            info = services.generator.apply(folder, base_model=base)
-            request.resolution = info.config.get("resolution")
-            personal = services.generator.generate(request)
-            plain = services.generator.generate(request, personalized=False)
+        info = read_artifact(folder)
+        base = base_for(services, info, services.checked_base(base_model))
+        request.resolution = info.config.get("resolution")
+        personal, plain = services.draw(folder, base, [(request, True), (request, False)])  # one GPU call
     except (ArtifactError, ValueError, OSError) as error:
         raise UserError(str(error).splitlines()[0][:300]) from None
     base_prompt = strip_trigger(prompt_text, info.trigger_token)

@@ -3,26 +3,29 @@ browser session's state."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import html
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from personalization.artifacts import ArtifactError
 from personalization.device import BUNDLED_MINI_MODEL, SD15_HUB_ID, memory_refusal
 from personalization.families import SDXL, SDXL_HUB_ID
-from personalization.generation import Generator
+from personalization.generation import GenerationRequest, Generator
 from personalization.images import SubjectImages
-from personalization.jobs import CARD_BYTES, SessionCleaner, TrainingJob, Workspace
+from personalization.jobs import CARD_BYTES, SessionCleaner, TrainingJob, Workspace, zero_gpu_generation_seconds
+from ui.fields import UserError
+from ui.zerogpu import gpu, on_zero_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
-ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
+Draw = list[tuple[GenerationRequest, bool]]  # requests, each drawn personalized (True) or with the plain base model
 
 
 def default_work_root() -> Path:
@@ -43,8 +46,9 @@ class Session:
 
 @dataclass
 class Services:
-    """What the tabs share: the base model choice, the generator (one base in memory), the hardware name, the GPU
-    lock and the root of the session folders."""
+    """What the tabs share: the base model choice, the generator (one base in memory) and :attr:`draw`, the one way
+    handlers use it, the hardware name, the lock that lets one training at a time have the GPU, and the root of the
+    session folders."""
 
     default_base: str
     generator: Generator
@@ -54,6 +58,28 @@ class Services:
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     # A Space runs for weeks: idle session folders go as new sessions arrive, not only at start.
     cleaner: SessionCleaner = field(default_factory=lambda: SessionCleaner(max_age_hours=24.0, interval_s=600.0))
+    draw: Callable[[Path, str, Draw], list[list[Image.Image]]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Decorated here, before the app launches: the spaces package registers its GPU functions at launch.
+        self.draw = gpu(duration=draw_seconds)(self._draw)
+        self._draw_lock = threading.Lock()
+
+    def _draw(self, folder: Path, base_model: str, requests: Draw) -> list[list[Image.Image]]:
+        """A handler's images in one GPU call: the artifact at ``folder`` applied on ``base_model``, then each request
+        drawn. Only the images come back (on ZeroGPU this runs in a worker; its generator's state stays there)."""
+        try:
+            with self._draw_lock:  # no other handler swaps the artifact between the apply and the images
+                self.generator.apply(folder, base_model=base_model)
+                return [self.generator.generate(request, personalized=personal) for request, personal in requests]
+        except (ArtifactError, ValueError, OSError) as error:  # said as one sentence, also from a ZeroGPU worker
+            raise UserError(str(error).splitlines()[0][:300]) from None
+
+    def warm_up(self) -> None:
+        """On ZeroGPU, build the default base pipeline now, at start-up: the server's "cuda" is the spaces package's
+        stand-in, which hands the weights to each GPU call's worker, so no call spends its GPU time loading them."""
+        if on_zero_gpu():
+            self.generator.use_base(self.default_base)
 
     @property
     def base_choices(self) -> list[str]:
@@ -91,13 +117,16 @@ class Services:
         self.cleaner.maybe_clean(self.work_root)
         return Session(Workspace(self.work_root))
 
-    def generation_lock(self) -> contextlib.AbstractContextManager:
-        """Held while generating: on ZeroGPU the GPU is the training's too; elsewhere generations share the one
-        base pipeline through their own queue (concurrency 1), so nothing more is needed."""
-        return self.gpu_lock if ZERO_GPU else contextlib.nullcontext()
-
     def tokenizer(self):
         return bundled_tokenizer()
+
+
+def draw_seconds(folder: Path, base_model: str, requests: Draw) -> int:
+    """The GPU time of a :meth:`Services.draw` call, from its images' count, steps and size."""
+    images = sum(request.num_images for request, _ in requests)
+    steps = max((request.steps for request, _ in requests), default=1)
+    resolution = max((request.resolution or 0 for request, _ in requests), default=0) or None
+    return zero_gpu_generation_seconds(images, steps, resolution, base_model)
 
 
 @functools.cache
@@ -112,7 +141,7 @@ def bundled_tokenizer():
 def training_gpu_bytes() -> int | None:
     """The memory of the GPU trainings run on: ZeroGPU's card (no CUDA in this process there), the local one, or
     None without a GPU."""
-    if ZERO_GPU:
+    if on_zero_gpu():
         return CARD_BYTES["h200"]
     import torch
 

@@ -11,13 +11,13 @@ import gradio as gr
 from personalization.artifacts import ArtifactError, read_artifact
 from personalization.config import TrainingConfig
 from personalization.generation import GenerationRequest
-from personalization.jobs import TrainingJob, estimate_seconds, zero_gpu_seconds
+from personalization.jobs import TrainingJob, estimate_seconds
 from personalization.methods import DEFAULT_METHOD, method_spec
 from personalization.progress import format_seconds
 from personalization.tokens import strip_trigger
 from ui.checkpoints_view import checkpoint_view, pick
-from ui.fields import FormDropdown, FormRadio
-from ui.services import ZERO_GPU, Services, Session, for_display
+from ui.fields import FormDropdown, FormRadio, UserError
+from ui.services import Services, Session, for_display
 from ui.train_form import build_form, method_choices, wire_form
 from ui.training import INVALID, TrainingRuns, form_to_config, progress_html
 
@@ -45,7 +45,7 @@ def trained_samples(services: Services, session: Session | None) -> tuple[dict[s
     samples = [(str(path), prompt) for path, prompt in zip(files, drawn, strict=True)]
     try:
         base = base_images(services, job, drawn)
-    except (ArtifactError, ValueError, OSError):  # the samples still show; the comparison is a bonus
+    except (ArtifactError, ValueError, OSError, UserError):  # the samples still show; the comparison is a bonus
         base = []
     return gr.update(value=base, visible=bool(base)), gr.update(value=samples, visible=bool(samples))
 
@@ -53,13 +53,13 @@ def trained_samples(services: Services, session: Session | None) -> tuple[dict[s
 def base_images(services: Services, job: TrainingJob, prompts: list[str]) -> list[tuple[Any, str]]:
     """The base model's image for each sample's prompt and seed (the trigger left out, as on the Generate tab)."""
     config = job.config
-    with services.generation_lock():
-        info = services.generator.apply(job.output_dir, base_model=config.base_model)
-        requests = [GenerationRequest(prompt=prompt, seed=config.seed + index, steps=config.sample_steps,
-                                      guidance_scale=config.guidance_scale, resolution=config.resolution)
-                    for index, prompt in enumerate(prompts)]
-        return [(for_display(services.generator.generate(request, personalized=False)[0]),
-                 f"base · {strip_trigger(request.prompt, info.trigger_token)}") for request in requests]
+    info = read_artifact(job.output_dir)
+    requests = [GenerationRequest(prompt=prompt, seed=config.seed + index, steps=config.sample_steps,
+                                  guidance_scale=config.guidance_scale, resolution=config.resolution)
+                for index, prompt in enumerate(prompts)]
+    drawn = services.draw(job.output_dir, config.base_model, [(request, False) for request in requests])
+    return [(for_display(images[0]), f"base · {strip_trigger(request.prompt, info.trigger_token)}")
+            for images, request in zip(drawn, requests, strict=True)]
 
 
 def build_checkpoints() -> dict[str, Any]:
@@ -110,23 +110,12 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         """The form comes as named values: the `/train` API takes them by name (class_noun, stage1_steps, …)."""
         yield from runs.start(session_value, values)
 
-    def gpu_seconds(session_value: Session | None, **values: Any) -> int:
-        try:
-            config = form_to_config(values, session_value.resolution if session_value else None)
-        except INVALID:
-            return 60
-        return zero_gpu_seconds(config, config.base_model or services.default_base)
-
     wire_form(services, upload, base_model, method, stage2_mode, widgets)
     for control in [*widgets.values(), method, stage2_mode, base_model, upload["subject_type"]]:
         control.change(show_estimate, {*form.values(), session}, estimate, queue=False, api_visibility="undocumented")
-    train_function = start_training
-    if ZERO_GPU:
-        import spaces  # present on ZeroGPU Spaces only
-
-        train_function = spaces.GPU(duration=gpu_seconds)(start_training)
-    # No queue limit: each run waits for the GPU in TrainingRuns.start, where Cancel can still stop it.
-    run = {"fn": train_function, "inputs": [session], "outputs": [status, preview, result], "inputs_kwargs": form,
+    # No queue limit: each run waits for the GPU in TrainingRuns.start, where Cancel can still stop it. The handler
+    # runs in the server; only the training itself is a GPU call (TrainingRuns.train_on_gpu).
+    run = {"fn": start_training, "inputs": [session], "outputs": [status, preview, result], "inputs_kwargs": form,
            "concurrency_limit": None}
     run_event = start.click(**run, api_name="train")
     def show_samples(session_value: Session | None):

@@ -1,10 +1,13 @@
 """A training started from the Train tab: the form read into a config, the wait for the GPU (where Cancel can still
-stop it), the streamed progress, and the sentence that ends it. The engine (`personalization.jobs`) runs it."""
+stop it), the streamed progress, and the sentence that ends it. The engine (`personalization.jobs`) runs it: the
+training itself in one GPU call (ui/zerogpu.py) that streams its progress back, everything else in the server."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -13,10 +16,19 @@ from personalization.artifacts import read_artifact
 from personalization.config import ConfigError, ResolvedConfig, TrainingConfig, form_fields
 from personalization.device import memory_refusal
 from personalization.families import SD15, check_options
-from personalization.images import ImageError
-from personalization.jobs import TrainingJob, base_family, describe_failure, subject_at, training_resolution
+from personalization.images import ImageError, SubjectImages
+from personalization.jobs import (
+    TrainingJob,
+    base_family,
+    describe_failure,
+    run_streamed,
+    subject_at,
+    training_resolution,
+    zero_gpu_seconds,
+)
 from personalization.progress import CancelFlag, ProgressEvent, format_seconds
 from ui.services import Services, Session, for_display
+from ui.zerogpu import gpu
 
 Update = tuple[str, Any, str]  # the Train tab's status, preview image and result message
 INVALID = (ConfigError, ImageError, ValueError, TypeError)
@@ -56,6 +68,12 @@ def trained_message(job: TrainingJob, method_label: str) -> str:
     return message
 
 
+def training_seconds(config: TrainingConfig, subject_images: SubjectImages, output_dir: Path,
+                     cancel_file: Path) -> int:
+    """The GPU time of one training call (:func:`personalization.jobs.run_streamed`), from its config."""
+    return zero_gpu_seconds(config, config.base_model or "")
+
+
 def check_memory(services: Services, config: ResolvedConfig) -> None:
     """Refuse, before anything loads, a run of a large family (SDXL) that this GPU cannot hold even with the memory
     options on, in one sentence saying what would fit. SD-1.x bases are left to the trainer's own memory plan."""
@@ -72,10 +90,11 @@ class TrainingRuns:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        # The training, its previews, class images and samples: one GPU call, streaming plain values back.
+        self.train_on_gpu = gpu(duration=training_seconds)(run_streamed)
 
     def start(self, session: Session | None, values: dict[str, Any]) -> Iterator[Update]:
-        """The session is changed in place and not returned: under ZeroGPU this runs in a forked worker whose
-        results are pickled back, and a session holding a running job cannot be pickled."""
+        """Runs in the server (the session is changed in place and kept); only the training itself is a GPU call."""
         if session is None or session.subject is None or not len(session.subject):
             yield progress_html(None, "Upload subject images first (Upload tab)."), None, ""
             return
@@ -122,14 +141,11 @@ class TrainingRuns:
             if job.cancel_flag.cancelled:
                 return
             yield progress_html(None, "Loading the base model…"), None, ""
-            job.start()
-            try:
-                for event in job.events():
+            stream = self.train_on_gpu(job.config, job.subject_images, job.output_dir, job.cancel_flag.signal_file)
+            # A closed browser tab closes this generator: closing the events cancels the run before the unlock.
+            with contextlib.closing(job.run_elsewhere(stream)) as events:
+                for event in events:
                     yield progress_html(event), gr.skip() if event.preview is None else for_display(event.preview), ""
-            finally:
-                if job.state == "running":  # a closed browser tab closes this generator: stop before unlocking
-                    job.cancel()
-                job.wait()
         finally:
             lock.release()
 
