@@ -760,9 +760,15 @@ def train(
     started = time.perf_counter()
     cancel = cancel or CancelFlag()
     config, images, base_path, tokenizer, output_dir = _check_inputs(config, subject_images, output_dir, overwrite)
-    resumed = _resume_state(config, images, output_dir, resume=resume, overwrite=overwrite)
+    # Of the config as asked for: the memory plan may switch options on for this card, and a resume on the same
+    # card must still match.
+    run_fingerprint = fingerprint(config.to_dict(), images.images)
+    resumed = _resume_state(run_fingerprint, output_dir, resume=resume, overwrite=overwrite)
     run = _load(config, base_path, tokenizer, placement, list(images.notes), cancel, progress, started)
-    run.keeper = _keeper(run, images, output_dir, resumed, scorer)
+    if resumed is not None and run.accelerator.num_processes > 1:
+        raise artifacts.ArtifactError(f"{output_dir}: --resume runs in one process; continue the run without "
+                                      "accelerate launch")
+    run.keeper = _keeper(run, images, output_dir, resumed, scorer, run_fingerprint)
     try:
         class_latents = _class_latents(run)
         subject_latents, flip_offset = _subject_latents(run, images)
@@ -783,8 +789,7 @@ def train(
     return result
 
 
-def _resume_state(config: TrainingConfig, images: SubjectImages, output_dir: Path, *, resume: bool,
-                  overwrite: bool) -> ResumeState | None:
+def _resume_state(run_fingerprint: str, output_dir: Path, *, resume: bool, overwrite: bool) -> ResumeState | None:
     """The state a resumed run continues from (None for a new run), refused when it belongs to another run.
 
     A new run over an interrupted one's state needs ``overwrite``: that state may hold hours of training.
@@ -799,14 +804,14 @@ def _resume_state(config: TrainingConfig, images: SubjectImages, output_dir: Pat
         return None
     if state is None:
         raise artifacts.ArtifactError(f"{output_dir}: no interrupted run to resume (none reached a checkpoint)")
-    if state.fingerprint != fingerprint(config.to_dict(), images.images):
+    if state.fingerprint != run_fingerprint:
         raise artifacts.ArtifactError(f"{output_dir}: the interrupted run used other settings or photos; resume "
                                       "it with the same ones, or start again with --overwrite")
     return state
 
 
 def _keeper(run: _Run, images: SubjectImages, output_dir: Path, resumed: ResumeState | None,
-            scorer: Scorer | None = None) -> Keeper | None:
+            scorer: Scorer | None, run_fingerprint: str) -> Keeper | None:
     """The run's checkpoint keeper: the schedule, the scorer, and the checkpoints a resumed run already took."""
     if not run.accelerator.is_main_process:
         return None
@@ -825,7 +830,7 @@ def _keeper(run: _Run, images: SubjectImages, output_dir: Path, resumed: ResumeS
     if resumed is not None:
         snapshotter.forget_after(resumed.step)
         run.notes.append(f"resumed from the checkpoint at step {resumed.step}")
-    return Keeper(folder, snapshotter, fingerprint(run.config.to_dict(), images.images), resumed,
+    return Keeper(folder, snapshotter, run_fingerprint, resumed,
                   finished=[StageSummary(**values) for values in (resumed.stage_summaries if resumed else [])])
 
 
