@@ -138,6 +138,8 @@ def test_frontier_comparison_is_paired_and_worded_from_the_numbers(tmp_path):
     assert quality.frontier_verdict([quality.BudgetComparison(0, 0.05, 0.03)]) == "matches"  # within 2 SE
     assert quality.frontier_verdict([]) == "no paired runs"
 
+    assert quality.time_grid(SYNTHETIC) == quality.TIME_GRID  # the slowest run (121 s) is covered
+    assert quality.time_grid([{**SYNTHETIC[0], "training_s": 300.0}])[-1] == 480.0
     lines = quality.frontier_statements(SYNTHETIC)
     assert len(lines) == 1 and lines[0].startswith(f"- {REF} vs {BASE}: fidelity vs drift: ")
     assert "fidelity vs training s (wall): crosses" in lines[0]  # no CPU seconds in these rows
