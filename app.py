@@ -91,8 +91,7 @@ def build_app(services: Services | None = None) -> gr.Blocks:
             tab.select(generate["refresh"], session, dropdown, **hidden)
         # The first minute: from photos (or a clicked example) straight to the trained subject in new places.
         shown = upload["train_now"].click(lambda: gr.Tabs(selected="train"), None, tabs, **hidden)
-        shown.then(**train["run"], api_visibility="undocumented").then(
-            train["show_samples"], session, train["samples"], api_visibility="undocumented")
+        train["show_results"](shown.then(**train["run"], api_visibility="undocumented"))
         demo.load(train["show_estimate"], train["estimate_inputs"], train["estimate"], api_visibility="undocumented")
     return demo
 

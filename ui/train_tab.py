@@ -121,15 +121,19 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
     def show_samples(session_value: Session | None):
         return trained_samples(services, session_value)
 
-    shown = run_event.then(show_samples, session, [base_samples, samples], api_visibility="undocumented")
     checkpoint_outputs = [checkpoints["summary"], checkpoints["grid"], checkpoints["picker"], checkpoints["pick"]]
-    shown.then(checkpoint_view, session, checkpoint_outputs, api_visibility="undocumented")
+
+    def show_results(event: Any) -> None:
+        """After a run (or a picked step): its samples beside the base model's, then its checkpoints."""
+        shown = event.then(show_samples, session, [base_samples, samples], api_visibility="undocumented")
+        shown.then(checkpoint_view, session, checkpoint_outputs, api_visibility="undocumented")
+
+    show_results(run_event)
     picked = checkpoints["pick"].click(pick, [session, checkpoints["picker"]], checkpoints["message"],
                                        api_name="pick_step")
-    picked.success(show_samples, session, [base_samples, samples], api_visibility="undocumented").then(
-        checkpoint_view, session, checkpoint_outputs, api_visibility="undocumented")
+    show_results(picked)
     cancel.click(runs.cancel, session, status, api_name="cancel", queue=False)
-    return {"run_event": run_event, "run": run, "samples": [base_samples, samples], "show_samples": show_samples,
+    return {"run_event": run_event, "run": run, "samples": [base_samples, samples], "show_results": show_results,
             "estimate": estimate,
             "show_estimate": show_estimate, "estimate_inputs": {*form.values(), session}}
 
