@@ -21,8 +21,12 @@ from . import artifacts
 
 KEEP_CHOICES = ("best", "last")
 
-RULE = ("the highest subject fidelity among the checkpoints whose drift stays within the tolerance (the earliest "
-        "on a tie); when none does, the one with the least drift; without scores, the last")
+RULE = ("among the checkpoints that learned the subject (fidelity at least 0.05 above the base model's), the highest "
+        "fidelity whose drift stays within the tolerance (the earliest on a tie); when none stays within it, the one "
+        "with the least drift; when none learned, the same among all; without scores, the last")
+# A checkpoint whose fidelity is within this of the base model's has not learned the subject: recommending it for
+# its zero drift would hand the user the base model (two-stage's stage 1 on a subject the U-Net must learn).
+LEARNED_MARGIN = 0.05
 
 
 class CheckpointError(ValueError):
@@ -157,18 +161,21 @@ def _drift_text(scores: dict[str, float]) -> str:
 def recommend(checkpoints: Sequence[Checkpoint], drift_tolerance: float | None) -> int | None:
     """The recommended step by :data:`RULE`, among checkpoints whose weights were kept; None without scores.
 
-    The rule looks at each checkpoint alone (no ties within a margin), so adding a checkpoint either keeps the
-    recommendation or moves it to the new one: a run that can keep only one large U-Net keeps the right one.
+    The rule ranks each checkpoint by its own scores alone (no margins between checkpoints), so adding a checkpoint
+    either keeps the recommendation or moves it to the new one: a run that can keep only one large U-Net keeps the
+    right one. ``base_fidelity`` in the scores (the base model's fidelity) says whether a checkpoint learned.
     """
     scored = [point for point in checkpoints if point.scored and point.weights]
     if not scored or drift_tolerance is None:
         return None
-    within = [point for point in scored if point.scores["drift"] <= drift_tolerance]
-    if within:
-        best = max(point.scores["fidelity"] for point in within)
-        return min(point.step for point in within if point.scores["fidelity"] == best)
-    least = min(point.scores["drift"] for point in scored)
-    return min(point.step for point in scored if point.scores["drift"] == least)
+
+    def rank(point: Checkpoint) -> tuple[bool, bool, float, int]:
+        fidelity, drift = point.scores["fidelity"], point.scores["drift"]
+        learned = fidelity >= point.scores.get("base_fidelity", float("-inf")) + LEARNED_MARGIN
+        within = drift <= drift_tolerance
+        return learned, within, fidelity if within else -drift, -point.step
+
+    return max(scored, key=rank).step
 
 
 def read_table(folder: Path | str) -> CheckpointTable | None:

@@ -161,8 +161,11 @@ class EvaluationReport:
 
     def as_dict(self) -> dict[str, float]:
         """The checkpoint table's scores: fidelity is DINO."""
-        return {"fidelity": self.dino, "drift": self.drift, "clip_i": self.clip_i, "clip_t": self.clip_t,
-                "dino": self.dino}
+        scores = {"fidelity": self.dino, "drift": self.drift, "clip_i": self.clip_i, "clip_t": self.clip_t,
+                  "dino": self.dino}
+        if "base_dino" in self.details:
+            scores["base_fidelity"] = self.details["base_dino"]
+        return scores
 
     def table(self) -> str:
         return ("| CLIP-I | CLIP-T | DINO | drift | prompts x images |\n|---|---|---|---|---|\n"
@@ -241,4 +244,5 @@ class FeatureScorer:
             clip_i=clip_i(self.models, personal, self.references), clip_t=clip_t(self.models, personal,
                                                                                  self.plain_prompts),
             dino=dino(self.models, personal, self.references),
-            drift=drift(self.models, class_images, self.base_class), prompts=len(self.seeds), images_per_prompt=1)
+            drift=drift(self.models, class_images, self.base_class), prompts=len(self.seeds), images_per_prompt=1,
+            details={"base_dino": dino(self.models, self.base_class, self.references)})

@@ -43,8 +43,11 @@ def test_keep_step_must_name_a_checkpoint() -> None:
         check_keep_step("5", [3, 6])
 
 
-def point(step: int, fidelity: float | None, drift: float | None, weights: bool = True) -> Checkpoint:
+def point(step: int, fidelity: float | None, drift: float | None, weights: bool = True,
+          base: float | None = None) -> Checkpoint:
     scores = {} if fidelity is None else {"fidelity": fidelity, "drift": drift}
+    if base is not None:
+        scores["base_fidelity"] = base
     return Checkpoint(step, "stage", weights, training_s=step / 10, scores=scores)
 
 
@@ -61,6 +64,17 @@ def test_recommend_takes_the_least_drift_when_none_is_within_tolerance() -> None
     assert recommend([point(100, 0.3, 0.5), point(200, 0.6, 0.3), point(300, 0.7, 0.4)], 0.1) == 200
 
 
+def test_recommend_never_hands_back_a_checkpoint_that_has_not_learned_the_subject():
+    """A striped star on the mini model (measured): stage 1's end draws stars like the base model, with no drift;
+    every U-Net checkpoint learned the stripes and drew them into plain stars too. The least drift among those that
+    learned, not the base model again."""
+    table = [point(400, 0.033, 0.0, base=0.026), point(475, 0.209, 0.625, base=0.026),
+             point(550, 0.320, 0.625, base=0.026), point(625, 0.410, 0.5, base=0.026),
+             point(700, 0.485, 0.75, base=0.026)]
+    assert recommend(table, 0.125) == 625
+    assert recommend([point(100, 0.03, 0.0, base=0.026), point(200, 0.04, 0.3, base=0.026)], 0.125) == 100
+
+
 def test_recommend_skips_checkpoints_whose_weights_were_not_kept_and_needs_scores() -> None:
     assert recommend([point(100, 0.3, 0.0), point(200, 0.9, 0.0, weights=False)], 0.1) == 100
     assert recommend([point(100, None, None), point(200, None, None)], 0.1) is None
@@ -73,7 +87,9 @@ def test_growing_a_table_moves_the_recommendation_only_to_the_new_checkpoint() -
 
     rng = random.Random(0)
     for _ in range(300):
-        points = [point(step, round(rng.random(), 1), round(rng.random() * 0.3, 2)) for step in range(1, 7)]
+        base = round(rng.random() * 0.3, 1)
+        points = [point(step, round(rng.random(), 1), round(rng.random() * 0.3, 2), base=base)
+                  for step in range(1, 7)]
         for size in range(2, len(points) + 1):
             before, after = recommend(points[: size - 1], 0.15), recommend(points[:size], 0.15)
             assert after in (before, points[size - 1].step), (points[:size], before, after)

@@ -68,8 +68,8 @@ class MiniWorldScores:
         return self.subject_fidelity
 
     def as_dict(self) -> dict[str, float]:
-        return {**asdict(self), "fidelity": self.fidelity, "color_drift": self.color_drift,
-                "shape_drift": self.shape_drift}
+        return {**asdict(self), "fidelity": self.fidelity, "base_fidelity": self.base_subject_fidelity,
+                "color_drift": self.color_drift, "shape_drift": self.shape_drift}
 
 
 @dataclass(frozen=True)
