@@ -231,9 +231,11 @@ class FeatureScorer:
         self.class_prompts = [template.format(class_noun) for template in templates]
         self.seeds = list(range(len(templates)))
         self.base_class: list[Image.Image] | None = None
+        self.base_dino = 0.0
 
     def prepare(self, render_base) -> None:  # render_base: (prompts, seeds) -> images
         self.base_class = render_base(self.class_prompts, self.seeds)
+        self.base_dino = dino(self.models, self.base_class, self.references)  # the base model's fidelity, once
 
     def score(self, render) -> EvaluationReport:
         if self.base_class is None:
@@ -245,4 +247,4 @@ class FeatureScorer:
                                                                                  self.plain_prompts),
             dino=dino(self.models, personal, self.references),
             drift=drift(self.models, class_images, self.base_class), prompts=len(self.seeds), images_per_prompt=1,
-            details={"base_dino": dino(self.models, self.base_class, self.references)})
+            details={"base_dino": self.base_dino})

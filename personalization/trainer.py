@@ -824,7 +824,8 @@ def _keeper(run: _Run, images: SubjectImages, output_dir: Path, resumed: ResumeS
     schedule = {step: next(s.name for s, end in zip(stages, ends, strict=True) if step <= end) for step in steps}
     full_unet_bytes = 2 * sum(p.numel() for p in run.components.unet.parameters())
     table = read_table(folder) if resumed else None
-    scorer = scorer if scorer is not None or not run.config.score_checkpoints else _checkpoint_scorer(run, images)
+    if scorer is None and run.config.score_checkpoints:
+        scorer = _checkpoint_scorer(run, images)
     snapshotter = Snapshotter(folder / artifacts.CHECKPOINTS_DIR, schedule, scorer,
                               run.config.keep_step, table, prunes_weights=full_unet_bytes > FULL_UNET_KEEP_ALL_BYTES)
     if resumed is not None:

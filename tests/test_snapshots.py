@@ -69,7 +69,7 @@ def test_checkpoints_follow_the_schedule_and_hold_what_was_trained_by_then(tiny_
     last = result.output_dir / "checkpoints" / STEP_DIR(step=7)
     for name in ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors", "samples/sample_1.png"):
         assert (result.output_dir / name).read_bytes() == (last / name).read_bytes()
-    # The embedding learned in stage 1 differs from the one after stage 2? No: stage 2 freezes it, bit for bit.
+    # Stage 2 freezes the embedding stage 1 learned: bit for bit the same file at both checkpoints.
     assert (last / "learned_embeds.safetensors").read_bytes() == (
         result.output_dir / "checkpoints" / STEP_DIR(step=3) / "learned_embeds.safetensors").read_bytes()
     assert not resume_dir(result.output_dir).exists()
