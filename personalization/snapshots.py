@@ -188,9 +188,6 @@ def pick_step(folder: Path | str, step: str | int) -> int:
     (what generation loads and a push uploads); return the step. The folder is replaced in one rename, hard links
     keeping it cheap however large the weights; the card and the summary name the new step."""
     from .checkpoints import read_table
-    from .config import TrainingConfig
-    from .families import family_by_key
-    from .model_card import write_model_card
 
     folder = Path(folder)
     artifacts.read_artifact(folder)
@@ -198,24 +195,37 @@ def pick_step(folder: Path | str, step: str | int) -> int:
     if table is None:
         raise artifacts.ArtifactError(f"{folder.name}: written without checkpoints; there is no other step to pick")
     table.kept_step = table.resolve(step)
-    kept = folder / artifacts.CHECKPOINTS_DIR / artifacts.CHECKPOINT_NAME.format(step=table.kept_step)
     replaced = {artifacts.CARD_FILE, artifacts.CONFIG_FILE, artifacts.SUMMARY_FILE}
     replaced |= {entry.name for entry in artifacts.checkpoint_entries(folder)}
     config = json.loads((folder / artifacts.CONFIG_FILE).read_text(encoding="utf-8"))
     summary = json.loads((folder / artifacts.SUMMARY_FILE).read_text(encoding="utf-8"))
     config["keep_step"] = str(table.kept_step)
-    summary["kept_step"] = table.kept_step
     with artifacts.staged_replace(folder) as staging:
         for entry in folder.iterdir():
             if entry.name not in replaced:
                 artifacts.link_tree(entry, staging / entry.name)
-        for entry in artifacts.checkpoint_entries(kept):
-            artifacts.link_tree(entry, staging / entry.name)
-        write_table(staging / artifacts.CHECKPOINTS_DIR, table)
-        trains_unet = TrainingConfig.from_dict(config).trains_unet
-        summary["kept_unet"] = artifacts.holds_unet_weights(staging) or not trains_unet
-        artifacts.save_config(staging, config)
-        artifacts.save_summary(staging, summary)
-        write_model_card(staging, TrainingConfig.from_dict(config), summary, artifacts.sample_names(staging),
-                         family=family_by_key(summary.get("family")))
+        lay_out_kept_step(staging, table, config, summary)
     return table.kept_step
+
+
+def lay_out_kept_step(staging: Path, table: CheckpointTable, config: dict[str, Any],
+                      summary: dict[str, Any]) -> list[str]:
+    """Finish a staged artifact folder whose ``checkpoints/`` is in place: the kept step's weights and samples at the
+    top level, the table, the config, the summary (kept and recommended step, whether U-Net weights are kept) and
+    the card. What the end of a run and :func:`pick_step` share; returns the sample names."""
+    from .config import TrainingConfig
+    from .families import family_by_key
+    from .model_card import write_model_card
+
+    kept = staging / artifacts.CHECKPOINTS_DIR / artifacts.CHECKPOINT_NAME.format(step=table.kept_step)
+    for entry in artifacts.checkpoint_entries(kept):
+        artifacts.link_tree(entry, staging / entry.name)
+    write_table(staging / artifacts.CHECKPOINTS_DIR, table)
+    settings = TrainingConfig.from_dict(config)
+    summary.update(kept_step=table.kept_step, recommended_step=table.recommended_step,
+                   kept_unet=artifacts.holds_unet_weights(staging) or not settings.trains_unet)
+    names = artifacts.sample_names(staging)
+    artifacts.save_config(staging, config)
+    artifacts.save_summary(staging, summary)
+    write_model_card(staging, settings, summary, names, family=family_by_key(summary.get("family")))
+    return names

@@ -58,6 +58,7 @@ from .snapshots import (
     Snapshotter,
     TrainedWeights,
     fingerprint,
+    lay_out_kept_step,
     load_resume_state,
     resume_dir,
     save_resume_state,
@@ -1005,30 +1006,16 @@ def eta_clock(run: _Run) -> EtaClock:
 def _write_artifact(run: _Run, result: TrainingResult, overwrite: bool) -> None:
     """The kept checkpoint's weights and samples, every checkpoint, config, summary and card into
     ``result.output_dir``, renamed into place in one step; then the run's resume folder goes."""
-    from .checkpoints import write_table
-    from .model_card import write_model_card
-
     config, keeper = run.config, run.keeper
     assert keeper is not None, "the main process keeps the checkpoints"
     table = keeper.snapshotter.table
     table.kept_step = table.resolve(config.keep_step)
     with artifacts.atomic_output_dir(result.output_dir, overwrite=overwrite) as staging:
-        checkpoints_dir = staging / artifacts.CHECKPOINTS_DIR
-        artifacts.link_tree(keeper.snapshotter.folder, checkpoints_dir)
-        write_table(checkpoints_dir, table)
-        for entry in artifacts.checkpoint_entries(checkpoints_dir / artifacts.CHECKPOINT_NAME.format(
-                step=table.kept_step)):
-            artifacts.link_tree(entry, staging / entry.name)
-        sample_names = artifacts.sample_names(staging)
+        artifacts.link_tree(keeper.snapshotter.folder, staging / artifacts.CHECKPOINTS_DIR)
         saved = {**config.to_dict(), "base_model": portable_base_model(config.base_model)}
-        artifacts.save_config(staging, saved)
         result.seconds_total = time.perf_counter() - run.started
-        summary = {**summary_dict(result), "kept_step": table.kept_step, "recommended_step": table.recommended_step,
-                   "kept_unet": artifacts.holds_unet_weights(staging) or not config.trains_unet,
-                   "family": run.components.family.key}
-        artifacts.save_summary(staging, summary)
-        write_model_card(staging, TrainingConfig.from_dict(saved), summary, sample_names,
-                         family=run.components.family)
+        sample_names = lay_out_kept_step(staging, table, saved,
+                                         {**summary_dict(result), "family": run.components.family.key})
     shutil.rmtree(keeper.folder, ignore_errors=True)
     result.sample_files = [result.output_dir / artifacts.SAMPLES_DIR / name for name in sample_names]
 
