@@ -245,7 +245,8 @@ def test_an_example_thumbnail_then_train_and_show_me(mini_app: Served, tmp_path:
 
         # The checkpoints (60 + 60 steps: stage 1's end and four over stage 2), scored by the mini world's checker:
         # the curve with the recommended step, the same sample at each, and a step the user picks instead.
-        expect(page.locator("#checkpoint-summary svg")).to_be_visible()
+        # The chart by its label: while the box updates, Gradio's loading spinner is an svg in it too.
+        expect(page.get_by_role("img", name="fidelity and drift against step")).to_be_visible()
         expect(page.locator("#checkpoint-summary")).to_contain_text("recommended")
         expect(page.locator("#checkpoint-grid img")).to_have_count(5)
         grid_captions = page.locator("#checkpoint-grid .caption-label").all_inner_texts()
