@@ -103,7 +103,8 @@ def portable_base_model(base_model: str) -> str:
 
 
 # Peak training memory per family (families.MemoryFacts: SD-1.5 measured on an H200, SDXL estimated until measured);
-# other bases of a family are scaled by their U-Net's parameter count. Not yet checked on a T4 or an 8 GB card.
+# other bases of a family are scaled by their U-Net's parameter count. The T4 and 8 GB plans trained on an H200 capped
+# to those cards' memory (tests/gpu/test_memory_plans.py; docs/measurements.md#h200-benchmark-2026-11-27).
 SD15_UNET_PARAMETERS = SD15.memory.unet_parameters
 # 8-bit Adam keeps 2 bytes of optimizer state per weight instead of 8: of the 16 bytes per trained weight
 # (weight, gradient, two moments) 6 go, so the full-U-Net peak shrinks by about 6/16.

@@ -82,15 +82,18 @@ class Family:
         return len(self.encoders) == 1
 
 
-# SD-1.5 (U-Net 859.5 M parameters) at 512 px, measured on an H200 (docs/measurements.md#peak-training-memory): full
-# U-Net with AdamW 17.0 GiB with or without gradient checkpointing, U-Net LoRA 6.8 GiB at batch 1, 10.0 at batch 4
-# (an upper bound: that run stacked two adapters).
+# SD-1.5 (U-Net 859.5 M parameters) at 512 px, batch 4, bf16 autocast over fp32 masters, on an H200. LoRA r16: 9.97
+# GiB (benchmarks/results/speed-sd15-random-a-2026-11-27-h200.json) and 6.52 GiB with gradient checkpointing (the 8 GB
+# plan's run, benchmarks/results/gpu-memory-plans-2026-11-27-h200.json), both this repository's benchmarks.
+# Full U-Net with AdamW: 17.0 GiB with or without checkpointing, a team measurement
+# (docs/measurements.md#peak-training-memory); the T4 plan built on it (8-bit Adam and checkpointing) trained under a
+# 14.2 GiB cap in the same session.
 SD15 = Family(
     key=SD15_KEY, label="Stable Diffusion 1.x/2.x", pipeline_class="StableDiffusionPipeline",
     encoders=(("tokenizer", "text_encoder", "CLIPTextModel"),), embedding_keys=(),
     hub_tags=("stable-diffusion",),
-    memory=MemoryFacts(859.5e6, {("full", False): 17.0, ("full", True): 17.0, ("lora", False): 10.0,
-                                 ("lora", True): 10.0}),
+    memory=MemoryFacts(859.5e6, {("full", False): 17.0, ("full", True): 17.0, ("lora", False): 9.97,
+                                 ("lora", True): 6.52}),
     step_cost=1.0,
     pipeline_options={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
 )

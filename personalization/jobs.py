@@ -29,17 +29,18 @@ from .progress import CancelFlag, ProgressEvent, TrainingCancelled
 from .tokens import TriggerError
 
 # Measured or estimated seconds per step for SD-1.5 at 512 px and for the mini model on CPU.
-# GPU rows: H200 figures measured at bs4 cached (docs/measurements.md#h200-step-costs); other GPUs scaled by their
-# bf16/fp16 throughput relative to the H200 (A100 ~0.4x, A10G ~0.16x, T4 ~0.08x, L4 ~0.15x). Replace with benchmark
-# numbers.
+# GPU rows: the H200's embedding and LoRA steps are this repository's benchmark (bs4 cached, bf16,
+# benchmarks/results/speed-sd15-random-a-2026-11-27-h200.json), its full step (fused AdamW) and sample image a team
+# measurement (docs/measurements.md#h200-step-costs); other GPUs are the H200 row scaled by their bf16/fp16
+# throughput relative to it (A100 ~0.4x, A10G ~0.16x, T4 ~0.08x, L4 ~0.15x): estimates until measured there.
 STEP_SECONDS = {
     # hardware: (embedding step, U-Net full step, U-Net LoRA step, sample image)
-    "h200": (0.121, 0.098, 0.170, 1.06),
-    "h100": (0.140, 0.115, 0.195, 1.25),
-    "a100": (0.300, 0.250, 0.420, 2.7),
-    "a10g": (0.75, 0.65, 1.05, 6.5),
-    "l4": (0.80, 0.70, 1.10, 7.0),
-    "t4": (1.50, 1.40, 2.10, 13.0),
+    "h200": (0.131, 0.098, 0.165, 1.06),
+    "h100": (0.152, 0.115, 0.190, 1.25),
+    "a100": (0.325, 0.250, 0.410, 2.7),
+    "a10g": (0.81, 0.65, 1.02, 6.5),
+    "l4": (0.87, 0.70, 1.07, 7.0),
+    "t4": (1.62, 1.40, 2.04, 13.0),
     # Measured on a 2-core CPU (2 threads, speed.py --model mini): two-stage full 400 + 300 steps 59 s, LoRA 43 s.
     "cpu-mini": (0.06, 0.10, 0.08, 0.3),
     # SD-1.5 on a CPU (one full 512 px step ~45 s, docs/measurements.md#sd-15-on-a-cpu): possible, never sensible.
