@@ -172,7 +172,7 @@ SPECS: dict[str, MethodSpec] = {spec.key: spec for spec in (
         card_name="two-stage personalization (Zeng, Suganuma, Okatani 2024): textual inversion of a rare adjective, "
         "then U-Net fine-tuning with the text encoder and the embedding frozen, without prior preservation",
         hub_tags=("two-stage-personalization",),
-        defaults=MethodDefaults(stage1_steps=400, stage1_learning_rate=5e-3, stage2_steps=300,
+        defaults=MethodDefaults(stage1_steps=100, stage1_learning_rate=5e-3, stage2_steps=400,
                                 stage2_learning_rate=None),
         unet="chosen",
         learns_token=True,

@@ -27,7 +27,7 @@ def test_resolved_fills_method_defaults_and_keeps_explicit_values():
     config = TrainingConfig(class_noun="Dog", stage2_steps=123).resolved()
     assert config.method == "two_stage"
     assert config.class_noun == "dog"
-    assert config.stage1_steps == 400 and config.stage2_steps == 123
+    assert config.stage1_steps == 100 and config.stage2_steps == 123
     assert config.stage2_learning_rate == 1e-4  # lora mode
     assert config.trigger_token == "<my-dog>" and config.init_word == "dog"
     assert config.lora_alpha == config.lora_rank
@@ -48,7 +48,7 @@ def test_presets_change_templates_flip_and_steps():
     person = TrainingConfig(class_noun="man", subject_type="person").resolved()
     pet = TrainingConfig(class_noun="cat", subject_type="pet").resolved()
     style = TrainingConfig(class_noun="style", subject_type="style").resolved()
-    assert person.stage1_steps == 500 and person.flip is False
+    assert person.stage1_steps == 125 and person.flip is False
     assert pet.flip is True
     assert all("painting" in t or "rendering" in t or "picture" in t or "illustration" in t
                for t in style.prompt_templates)
@@ -239,8 +239,8 @@ SAVED_DEFAULT_TWO_STAGE = {
         "a good photo of a {trigger} {noun}", "a photo of one {trigger} {noun}",
     ],
     "resolution": 512, "sample_count": 4, "sample_steps": 25, "score_checkpoints": True, "seed": 0, "snr_gamma": 5.0,
-    "stage1_learning_rate": 0.005, "stage1_steps": 400, "stage1_weight_decay": 0.0, "stage2_learning_rate": 0.0001,
-    "stage2_mode": "lora", "stage2_steps": 300, "subject_type": "object", "train_text_encoder": False,
+    "stage1_learning_rate": 0.005, "stage1_steps": 100, "stage1_weight_decay": 0.0, "stage2_learning_rate": 0.0001,
+    "stage2_mode": "lora", "stage2_steps": 400, "subject_type": "object", "train_text_encoder": False,
     "trigger_token": "<my-dog>", "use_8bit_adam": False, "validation_prompts": [],
 }
 

@@ -37,7 +37,7 @@ def test_hardware_rows_are_found_by_card_name(name, key):
 def test_estimate_counts_checkpointing_class_images_and_slower_cards():
     plain = estimate_seconds(sd15(stage2_mode="full"), "NVIDIA H200", SD15_HUB_ID)
     checkpointed = estimate_seconds(sd15(stage2_mode="full", gradient_checkpointing=True), "NVIDIA H200", SD15_HUB_ID)
-    assert checkpointed - plain == pytest.approx(300 * 0.098 * 1.2)
+    assert checkpointed - plain == pytest.approx(400 * 0.098 * 1.2)
     dreambooth = estimate_seconds(sd15(method="dreambooth"), "NVIDIA H200", SD15_HUB_ID)
     with_prior = estimate_seconds(sd15(method="dreambooth", prior_preservation=True), "NVIDIA H200", SD15_HUB_ID)
     assert with_prior - dreambooth == pytest.approx(800 * 0.098 * 0.6 + 100 * 1.06)
@@ -184,7 +184,7 @@ def test_the_estimate_counts_every_checkpoints_samples_and_the_mini_worlds_probe
     from personalization.jobs import checkpoint_images
 
     mini = TrainingConfig(class_noun="star", base_model=BUNDLED_MINI_MODEL).resolved()
-    assert checkpoint_images(mini) == 5 * 4 + 5 * 16 + 12  # 400 + 300 steps: stage 1's end and 4 over stage 2
+    assert checkpoint_images(mini) == 5 * 4 + 5 * 16 + 12  # stage 1's end and 4 over stage 2
     assert checkpoint_images(TrainingConfig(class_noun="star", base_model=BUNDLED_MINI_MODEL, checkpoints=0,
                                             score_checkpoints=False).resolved()) == 2 * 4
     sd = TrainingConfig(class_noun="dog", base_model=SD15_HUB_ID).resolved()

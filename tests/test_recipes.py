@@ -42,17 +42,17 @@ def test_two_stage_learns_the_trigger_then_trains_the_unet_with_the_text_side_fr
     embedding, unet = plan.stages
     # Stage 1: only the trigger's embedding row moves (so the text side is not frozen), at the TI learning rate.
     assert (embedding.name, embedding.trainable, embedding.steps, embedding.learning_rate) == (
-        "stage 1 · trigger embedding", "embedding", 400, 5e-3)
+        "stage 1 · trigger embedding", "embedding", 100, 5e-3)
     assert (embedding.weight_decay, embedding.text_frozen, embedding.train_text_encoder,
             embedding.prior_preservation) == (0.0, False, False, False)
     # Stage 2: the U-Net alone; text encoder and the stage-1 embedding frozen, no class images.
     assert (unet.name, unet.trainable, unet.steps, unet.learning_rate) == (
-        f"stage 2 · U-Net {mode}", unet_trainable, 300, unet_rate)
+        f"stage 2 · U-Net {mode}", unet_trainable, 400, unet_rate)
     assert (unet.text_frozen, unet.train_text_encoder, unet.prior_preservation, unet.weight_decay) == (
         True, False, False, 0.0)
     # Both stages see the same prompts: the trigger as an adjective before the class noun.
     assert embedding.prompts == unet.prompts == adjective_prompts(config.trigger_token)
-    assert plan.total_steps == 700
+    assert plan.total_steps == 500
 
 
 def test_sd_models_default_to_a_lora_stage_2():
@@ -105,7 +105,7 @@ def test_every_number_comes_from_the_resolved_config():
 
 def test_subject_presets_and_the_mini_world_change_the_recipe_through_the_config():
     person = recipe(subject_type="person", class_noun="man")  # faces need 1.25x the steps
-    assert [stage.steps for stage in person.stages] == [500, 375]
+    assert [stage.steps for stage in person.stages] == [125, 500]
     style = resolved(subject_type="style", class_noun="style")
     assert recipe_for(style).stages[0].prompts == adjective_prompts(style.trigger_token, "style", STYLE_TEMPLATES)
     mini = resolved(class_noun="star", base_model=BUNDLED_MINI_MODEL)
