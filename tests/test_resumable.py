@@ -5,8 +5,8 @@ never interrupted (tiny pipeline, CPU)."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import time
 from pathlib import Path
 
@@ -119,7 +119,7 @@ def test_a_path_or_anything_but_a_key_is_never_looked_up(tmp_path, code):
     Workspace(root, "alice")
     for action in (lambda: find_run(root, code), lambda: adopt_run(root, code, root / "alice"),
                    lambda: discard_run(root, code)):
-        with pytest.raises(ResumeError, match="^The resume code "):
+        with pytest.raises(ResumeError, match=r"^The resume code "):
             action()
 
 
