@@ -208,7 +208,10 @@ def adopt_run(root: Path, key: str, workspace: Path) -> ResumableRun:
         target = workspace / run.run_name
         if target.exists() or resume_dir(target).exists():
             raise ResumeError(f"This session already holds a run named {run.run_name}.")
-        os.rename(run.record, workspace / run.record.name)
+        try:
+            os.rename(run.record, workspace / run.record.name)
+        except FileNotFoundError:  # another server process on the same folder took it first
+            raise ResumeError(LIVE) from None
         os.rename(resume_dir(run.output_dir), resume_dir(target))
         return read_record(workspace / run.record.name)
 

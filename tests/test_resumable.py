@@ -233,10 +233,13 @@ def test_a_damaged_record_is_one_sentence(tmp_path, tiny_base, images):
         find_run(root, key)
 
 
-def test_describe_names_the_run_and_where_it_stopped(tmp_path, tiny_base, images):
+def test_describe_names_the_run_and_where_it_stopped_and_its_own_session_takes_it_in_place(tmp_path, tiny_base, images):
     root = tmp_path / "sessions"
     key = new_key()
     output = interrupted_run(Workspace(root, "owner"), key, tiny_config(tiny_base), images)
-    text = find_run(root, key).describe()
+    run = find_run(root, key)
+    text = run.describe()
     assert text == (f"Two-stage (recommended) on 3 photo(s) of a box (run {output.name}), stopped at step 5 of 7.")
     assert (resume_dir(output) / artifacts.RESUME_STATE_FILE).is_file()
+    # A run that failed after a checkpoint is resumed in its own session: nothing moves.
+    assert adopt_run(root, key, run.workspace) == run and resume_dir(output).is_dir()
