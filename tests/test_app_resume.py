@@ -169,8 +169,21 @@ def test_the_page_keeps_the_code_over_a_restart_and_offers_the_run(tiny_base: Pa
     interrupted_run(Workspace(root), key, tiny_config(tiny_base), photos)  # killed with the previous server
     code_box = "#resume-code textarea, #resume-code input"
     with in_process_app(tiny_base, root, port) as url, browser_page(url, tmp_path / "profile") as (_, page):
+        # A run started here shows its code while it trains.
+        page.locator("#subject-files input[type=file]").set_input_files(
+            sorted(str(path) for path in (tmp_path / "photos").glob("*.png")))
+        expect(page.locator("#upload-status")).to_contain_text("2 image(s) ready")
+        page.locator("#class-noun textarea, #class-noun input").first.fill("box")
         page.get_by_role("tab", name="2 · Train").click()
         page.get_by_text("Resume an interrupted run").click()
+        page.get_by_text("Hyperparameters (prefilled by the preset)").click()
+        for label, value in (("U-Net steps", "2000"), ("Preview every N steps (0: off)", "0")):
+            page.get_by_label(label, exact=True).fill(value)
+        page.locator("#start-training").click()
+        expect(page.locator(code_box).first).to_have_value(KEY_PATTERN, timeout=60_000)
+        page.locator("#cancel-training").click()
+        # Emptied when the run has ended: a cancelled run has nothing to resume.
+        expect(page.locator(code_box).first).to_have_value("", timeout=60_000)
         page.locator(code_box).first.fill(key)  # from another device: the code pasted
         page.locator("#find-run").click()
         expect(page.locator("#resume-note")).to_contain_text("stopped at step 5 of 7")

@@ -19,7 +19,7 @@ STORAGE_KEY = "personalization-resume-code"
 # the previous one stored (Gradio's default, a random secret and key, changes with every start).
 STORAGE_SECRET = "personalization-resume"
 INTRO = ("A run stopped by a server restart or a crash continues from its last checkpoint: this browser keeps the "
-         "resume code of its latest run; on another device, paste the code.")
+         "resume code of its latest run (shown here while it trains); on another device, paste the code.")
 NOTHING = (gr.skip(), gr.skip(), gr.skip())
 # BrowserState never writes a null value to the browser's storage: a dropped code is removed there by the page.
 FORGET_DROPPED = f"(code) => {{ if (!code) localStorage.removeItem({STORAGE_KEY!r}); }}"
@@ -67,6 +67,19 @@ def discard(services: Services, code: str) -> tuple[str, str]:
     return f"Discarded run {html.escape(run.run_name)}: its checkpoints and resume state are deleted.", ""
 
 
+def shown_code(services: Services, stored: Any) -> Any:
+    """The code box while a run of this browser trains or waits to be resumed; emptied when its run is gone."""
+    if stored is None:
+        return ""
+    if key_refusal(stored) is not None:
+        return gr.skip()
+    try:
+        find_run(services.work_root, stored)
+    except ResumeError:
+        return ""
+    return stored
+
+
 def browser_store() -> gr.BrowserState:
     """Where the page keeps the resume code of its latest run. Built outside the tabs: a component in a tab not yet
     shown is not mounted, and the page load would read nothing."""
@@ -95,7 +108,11 @@ def build_resume_panel(services: Services, tabs: gr.Tabs, stored: gr.BrowserStat
     def discard_code(value: str) -> tuple[str, str]:
         return discard(services, value)
 
+    def show_code(value: Any) -> Any:
+        return shown_code(services, value)
+
     hidden = {"api_visibility": "undocumented"}
+    stored.change(show_code, stored, code, queue=False, **hidden)
     find.click(look_up_code, code, shown, api_name="interrupted_run")
     code.submit(look_up_code, code, shown, **hidden)
     discarded = remove.click(discard_code, code, [note, code], api_name="discard_run")
