@@ -25,6 +25,7 @@ from personalization.generation import Generator
 from ui.fields import CheckedBlocks, FormDropdown
 from ui.generate_tab import build_generate_tab
 from ui.hub_tab import build_hub_tab
+from ui.resume_panel import browser_store
 from ui.services import ON_SPACE, Services, hardware_name
 from ui.train_tab import build_train_tab
 from ui.upload_tab import build_upload_tab
@@ -75,24 +76,28 @@ def build_app(services: Services | None = None) -> gr.Blocks:
     services.warm_up()
     with CheckedBlocks(title="Personalize a diffusion model") as demo:
         session = gr.State(None)
+        stored_code = browser_store()
         base_model = header(services)
         with gr.Tabs() as tabs:
             with gr.Tab("1 · Upload", id="upload"):
                 upload = build_upload_tab(services, session, base_model)
             with gr.Tab("2 · Train", id="train"):
-                train = build_train_tab(services, session, base_model, upload)
+                train = build_train_tab(services, session, base_model, upload, tabs, stored_code)
             with gr.Tab("3 · Generate", id="generate") as generate_tab:
                 generate = build_generate_tab(services, session, base_model)
             with gr.Tab("4 · Hub", id="hub") as hub_tab:
                 hub_parts = build_hub_tab(services, session)
         hidden = {"queue": False, "api_visibility": "undocumented"}
         for dropdown, tab in ((generate["source"], generate_tab), (hub_parts["run"], hub_tab)):
-            train["run_event"].then(generate["refresh"], session, dropdown, api_visibility="undocumented")
+            for event in (train["run_event"], train["resume_event"]):
+                event.then(generate["refresh"], session, dropdown, api_visibility="undocumented")
             tab.select(generate["refresh"], session, dropdown, **hidden)
         # The first minute: from photos (or a clicked example) straight to the trained subject in new places.
         shown = upload["train_now"].click(lambda: gr.Tabs(selected="train"), None, tabs, **hidden)
         train["show_results"](shown.then(**train["run"], api_visibility="undocumented"))
         demo.load(train["show_estimate"], train["estimate_inputs"], train["estimate"], api_visibility="undocumented")
+        # After a server restart: the run this browser was training, offered for resuming.
+        demo.load(**train["restore"], api_visibility="undocumented").then(**train["forget"])
     return demo
 
 

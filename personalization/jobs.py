@@ -57,6 +57,9 @@ CARD_BYTES = {"h200": 150_110_011_392, "h100": 85_045_395_456, "a100": 42_297_52
               "l4": 23_580_639_232, "t4": 15_835_660_288}
 MODEL_LOAD_SECONDS = {"cpu-mini": 3.0}
 IN_USE_PREFIX = ".in-use-"  # + pid: a session folder holding such a file of a live process is never cleaned
+# This process's in-use markers now held, by name. A marker carrying this process's PID proves nothing by itself: a
+# killed server's PID is often the restarted one's (a container numbers its processes the same way).
+_HELD_MARKERS: set[str] = set()
 DEFAULT_LOAD_SECONDS = 25.0
 
 
@@ -164,6 +167,7 @@ class TrainingJob:
     subject_images: SubjectImages
     output_dir: Path
     cancel_flag: CancelFlag = field(default_factory=CancelFlag)
+    resume: bool = False  # continue the run killed while writing output_dir from its last checkpoint
     error: BaseException | None = None
     result: object | None = None
     _events: queue.Queue = field(default_factory=queue.Queue)
@@ -176,7 +180,7 @@ class TrainingJob:
         def work() -> None:
             try:
                 self.result = train(self.config, self.subject_images, self.output_dir, progress=self._events.put,
-                                    cancel=self.cancel_flag)
+                                    cancel=self.cancel_flag, resume=self.resume)
             except BaseException as error:  # reported to the UI, never raised in the worker thread
                 self.error = error
             finally:
@@ -254,12 +258,13 @@ class TrainingJob:
 
 
 def run_streamed(config: TrainingConfig, subject_images: SubjectImages, output_dir: Path,
-                 cancel_file: Path) -> Iterator[tuple]:
+                 cancel_file: Path, resume: bool = False) -> Iterator[tuple]:
     """One training where the GPU is, as a stream of picklable values: ("event", ProgressEvent) while it runs, then
     ("end", result, error). On ZeroGPU this runs in a forked worker and each value is pickled back to the server, so
     nothing here may rely on changing the server's objects; cancelling goes through ``cancel_file``. Closed early, it
-    cancels the run and waits for it to stop."""
-    job = TrainingJob(config, subject_images, output_dir, cancel_flag=CancelFlag(cancel_file))
+    cancels the run and waits for it to stop. ``resume``: continue the killed run of ``output_dir`` (the trainer's
+    resume), e.g. one a restarted app adopted (:mod:`personalization.resumable`)."""
+    job = TrainingJob(config, subject_images, output_dir, cancel_flag=CancelFlag(cancel_file), resume=resume)
     job.start()
     try:
         yield from (("event", event) for event in job.events())
@@ -300,16 +305,18 @@ class Workspace:
     def in_use(self) -> Iterator[None]:
         """Mark the folder as busy (a run in progress) for the cleaning of every process, until the block ends."""
         marker = self.folder / f"{IN_USE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _HELD_MARKERS.add(marker.name)
         marker.touch()
         try:
             yield
         finally:
             marker.unlink(missing_ok=True)
+            _HELD_MARKERS.discard(marker.name)
 
     @property
     def busy(self) -> bool:
         """Whether a run of this session is in progress in any live process (see :meth:`in_use`)."""
-        return _in_use(self.folder)
+        return folder_in_use(self.folder)
 
     @property
     def cancel_file(self) -> Path:
@@ -342,7 +349,7 @@ class Workspace:
         cutoff = time.time() - max_age_hours * 3600
         removed = 0
         for path in root.iterdir():
-            if not path.is_dir() or _in_use(path):
+            if not path.is_dir() or folder_in_use(path):
                 continue
             if _newest_mtime(path) < cutoff:
                 shutil.rmtree(path, ignore_errors=True)
@@ -370,10 +377,13 @@ class SessionCleaner:
         return Workspace.clean_old(root, self.max_age_hours)
 
 
-def _in_use(folder: Path) -> bool:
+def folder_in_use(folder: Path) -> bool:
+    """Whether a live process holds ``folder`` with :meth:`Workspace.in_use`."""
     for marker in folder.glob(f"{IN_USE_PREFIX}*"):
         pid = marker.name.removeprefix(IN_USE_PREFIX).split("-")[0]
-        if pid.isdigit() and process_alive(int(pid)):
+        if not pid.isdigit():
+            continue
+        if marker.name in _HELD_MARKERS if int(pid) == os.getpid() else process_alive(int(pid)):
             return True
     return False
 

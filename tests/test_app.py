@@ -21,6 +21,7 @@ from PIL import Image
 
 import app
 from personalization.generation import Generator
+from personalization.resumable import KEY_PATTERN
 from tests.conftest import make_subject_images
 from tests.fake_hub import FakeHub, make_token
 
@@ -90,7 +91,7 @@ def upload(client: Client, files: list[Path]) -> tuple[list, str]:
 
 
 def train(client: Client, timeout: float = 120, **form: object) -> list[tuple]:
-    """Every streamed (status, preview, result) of a `/train` call."""
+    """Every streamed (status, preview, result, resume code) of a `/train` call."""
     job = client.submit(class_noun="widget", trigger="", **{**TINY_STEPS, **form}, api_name="/train")
     job.result(timeout=timeout)
     return [tuple(output) for output in job.outputs()]
@@ -165,18 +166,20 @@ def test_upload_lists_bad_files_with_their_reason_and_keeps_good_ones(served: Se
 def test_train_without_uploads_says_what_to_do(served: Served) -> None:
     outputs = train(served.client())
     assert len(outputs) == 1
-    status, preview, result = outputs[0]
+    status, preview, result, code = outputs[0]
     assert "Upload subject images first" in status
-    assert preview is None and not result
+    assert preview is None and not result and not isinstance(code, str)  # no run, no code: the browser's is kept
 
 
 # ---- the whole flow --------------------------------------------------------------------------------------------------
 def test_train_streams_progress_and_reports_the_run(trained: Trained, served: Served) -> None:
-    statuses = [status for status, _, _ in trained.outputs]
+    statuses = [status for status, *_ in trained.outputs]
     assert "Loading the base model" in statuses[0]
     assert any("step" in s and "total" in s for s in statuses[1:-1]), statuses  # at least one progress event
-    status, _, message = trained.outputs[-1]
+    status, _, message, code = trained.outputs[-1]
     assert "Done." in status
+    # The resume code reached the browser with the first update; a finished run has nothing left to resume.
+    assert KEY_PATTERN.fullmatch(trained.outputs[0][3]) and code is None
     assert "Trained **Two-stage (recommended)**" in message
     assert trained.run in message
     run = next(p for p in served.run_folders() if p.name == trained.run)
@@ -352,7 +355,7 @@ def test_cancel_during_training_writes_nothing(served: Served, tmp_path: Path) -
     answer = client.predict(api_name="/cancel")
     assert "Cancelling" in answer
     job.result(timeout=60)
-    status, _, result = job.outputs()[-1]
+    status, _, result, _ = job.outputs()[-1]
     assert "Training was cancelled; nothing was written." in status and not result
     assert served.run_folders() == folders_before
     # The session can train again after a cancel.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_train_numbers_above_the_field_maximum(client: Client, quiet_server: Non
 
 
 def test_train_options_the_method_does_not_take(client: Client, quiet_server: None) -> None:
-    status, _, result = client.predict(**{**TRAIN_BASE, "method": "two_stage", "prior_preservation": True},
+    status, _, result, _ = client.predict(**{**TRAIN_BASE, "method": "two_stage", "prior_preservation": True},
                                        api_name="/train")
     assert "Invalid settings: prior_preservation" in status and not result
 
@@ -139,7 +140,7 @@ def test_train_text_and_switches(client: Client, quiet_server: None, field: str,
 
 
 def test_train_empty_class_noun_names_the_field(client: Client, quiet_server: None) -> None:
-    status, _, _ = client.predict(**{**TRAIN_BASE, "class_noun": "  "}, api_name="/train")
+    status, *_ = client.predict(**{**TRAIN_BASE, "class_noun": "  "}, api_name="/train")
     assert "class_noun" in status and "Invalid settings" in status
 
 
@@ -289,3 +290,58 @@ PICKER = "Step the run keeps (what Generate and Hub use)"
 ])
 def test_pick_step_values(client: Client, quiet_server: None, value: object, says: str) -> None:
     assert refused(client, "/pick_step", value) == says
+
+
+# ---- resume codes: /resume, /interrupted_run, /discard_run -----------------------------------------------------------
+RESUME_ENDPOINTS = ["/resume", "/interrupted_run", "/discard_run"]
+NOT_A_CODE = "Resume code: is not a resume code (a resume code is 43 letters, digits, '-' and '_')."
+
+
+@pytest.mark.parametrize("api_name", RESUME_ENDPOINTS)
+@pytest.mark.parametrize(("code", "says"), [
+    ("", "Resume code: is empty (paste the code shown when the run started)."),
+    ("abc", NOT_A_CODE), ("../../etc/passwd", NOT_A_CODE), ("/etc/passwd", NOT_A_CODE),
+    (".." + "x" * 41, NOT_A_CODE), ("x" * 42 + "/", NOT_A_CODE), ("x" * 44, NOT_A_CODE),
+    (LONG, "Resume code: is too long (20000 characters, at most 100)."),
+    (7, "Resume code: must be text, got int."), (["x" * 43], "Resume code: must be text, got list."),
+])
+def test_resume_codes_that_are_not_codes(served: Served, quiet_server: None, api_name: str, code: object,
+                                         says: str) -> None:
+    assert refused(served.client(), api_name, code) == says
+
+
+@pytest.mark.parametrize("api_name", RESUME_ENDPOINTS)
+def test_a_code_no_run_has(served: Served, quiet_server: None, api_name: str) -> None:
+    from personalization.resumable import UNKNOWN, new_key
+
+    assert refused(served.client(), api_name, new_key()) == UNKNOWN
+
+
+def test_the_code_of_a_run_training_in_another_session_is_refused(served: Served, caplog: pytest.LogCaptureFixture,
+                                                                  capfd: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    """Codes travel (a shared link, another device): the run of a live session is never taken from it."""
+    from personalization.resumable import LIVE, LIVE_DISCARD, UNKNOWN
+
+    caplog.set_level(logging.INFO)
+    owner = served.client()
+    upload(owner, sorted(make_subject_images(tmp_path / "photos", count=2).glob("*.png")))
+    running = owner.submit(**TRAIN_BASE, stage1_steps=2000, stage2_steps=2000, preview_interval=0, api_name="/train")
+    deadline = time.monotonic() + 60
+    while not any("step" in str(output[0]) for output in running.outputs()):
+        assert time.monotonic() < deadline and not running.done(), running.outputs()
+        time.sleep(0.05)
+    [code] = [output[3] for output in running.outputs() if isinstance(output[3], str)]
+    other = served.client()
+    assert refused(other, "/resume", code) == LIVE
+    assert refused(other, "/discard_run", code) == LIVE_DISCARD
+    assert refused(other, "/interrupted_run", code) == ("This run is training right now, in the session that "
+                                                        "started it or resumed it.")
+    status, *_ = owner.predict(code, api_name="/resume")  # its own session: already busy with it
+    assert "A training is already running in this session." in status
+    assert "Cancelling" in owner.predict(api_name="/cancel")
+    running.result(timeout=60)
+    assert refused(other, "/resume", code) == UNKNOWN  # a cancelled run has nothing to resume
+    out, err = capfd.readouterr()
+    logged = "\n".join(f"{record.getMessage()} {record.exc_text or ''}" for record in caplog.records)
+    assert "Traceback" not in out + err + logged, (out + err + logged)[-3000:]

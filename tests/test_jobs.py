@@ -139,6 +139,20 @@ def test_a_marker_left_by_a_dead_process_does_not_keep_a_folder(tmp_path):
     assert Workspace.clean_old(root) == 1
 
 
+def test_a_marker_with_this_processs_pid_counts_only_while_this_process_holds_it(tmp_path):
+    """A restarted container often gives the new server the PID of the one that was killed mid-run."""
+    root = tmp_path / "sessions"
+    left = Workspace(root, "left")
+    (left.folder / f".in-use-{os.getpid()}-deadbeef").touch()  # the killed server's marker, same PID
+    assert not left.busy
+    make_idle(left.folder)
+    assert Workspace.clean_old(root) == 1
+    held = Workspace(root, "held")
+    with held.in_use():
+        assert held.busy
+    assert not held.busy
+
+
 def test_the_cleaner_runs_as_sessions_arrive_at_most_every_interval(tmp_path):
     root = tmp_path / "sessions"
     cleaner = SessionCleaner(max_age_hours=24, interval_s=3600)

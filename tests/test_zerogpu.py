@@ -3,7 +3,8 @@
 The end-to-end tests of tests/test_app.py (upload, train, generate, push, load, cancel) run again here, against the
 app built as on a ZeroGPU Space: every GPU call in a forked worker with its values pickled across, model work in the
 server process refused, the base pipeline built at start-up. Then what only ZeroGPU asks: each handler that touches a
-model did it in one GPU call with a duration from its size, and no worker loaded the base model again.
+model did it in one GPU call with a duration from its size, and no worker loaded the base model again; a run
+resumed after a restart trains in one GPU call too.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from gradio_client import Client
 
 import tests.test_app as e2e
 from personalization.artifacts import read_artifact
 from personalization.config import ResolvedConfig
 from personalization.generation import Generator
-from personalization.jobs import TrainingJob, zero_gpu_generation_seconds, zero_gpu_seconds
+from personalization.images import load_subject_images
+from personalization.jobs import TrainingJob, Workspace, zero_gpu_generation_seconds, zero_gpu_seconds
+from personalization.resumable import new_key
+from tests.conftest import make_subject_images
 from tests.test_app import (  # noqa: F401  the same tests, collected here with this module's app
     GENERATE,
     Served,
@@ -34,7 +39,8 @@ from tests.test_app import (  # noqa: F401  the same tests, collected here with 
     test_train_streams_progress_and_reports_the_run,
     test_train_without_uploads_says_what_to_do,
 )
-from tests.zerogpu_standin import ZeroGpuStandIn
+from tests.test_resumable import interrupted_run, tiny_config
+from tests.zerogpu_standin import FORK, ZeroGpuStandIn
 
 trained = e2e.trained  # the session test_app.py trains, trained here on this module's app
 
@@ -104,4 +110,23 @@ def test_the_base_images_beside_the_samples_are_drawn_in_a_gpu_call(trained: Tra
     assert [call.function for call in zero_gpu.calls[before:]] == ["_draw"]
     assert base["visible"] and len(base["value"]) == len(info.sample_files) == len(samples["value"])
     assert all(caption.startswith("base · ") and info.trigger_token not in caption for _, caption in base["value"])
+    assert not zero_gpu.outside
+
+
+def test_a_resumed_run_trains_in_one_gpu_call(served: Served, zero_gpu: ZeroGpuStandIn, tmp_path: Path) -> None:
+    """After a restart the run continues where ZeroGPU runs every training: in one GPU call, as `/train` does."""
+    workspace = Workspace(served.work_root)  # the session of the server that was killed
+    key = new_key()
+    config = tiny_config(Path(str(served.base)))
+    images = load_subject_images(make_subject_images(tmp_path / "photos", count=2), 64)
+    killed = FORK.Process(target=interrupted_run, args=(workspace, key, config, images))  # the GPU is not here
+    killed.start()
+    killed.join()
+    assert killed.exitcode == 0
+    before = len(zero_gpu.calls)
+    client = Client(served.url, verbose=False)  # a new session, after the restart
+    status, _, message, code = client.predict(key, api_name="/resume")
+    assert "Done." in status and "resumed from the checkpoint at step 5" in message and code is None
+    [call] = zero_gpu.calls[before:]
+    assert call.function == "run_streamed" and call.seconds == zero_gpu_seconds(config, config.base_model)
     assert not zero_gpu.outside

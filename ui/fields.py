@@ -116,6 +116,16 @@ with _no_stub_files():
     class PromptText(FormText):
         max_chars = 2000
 
+    class ResumeCodeText(FormText):
+        """A run's resume code: its format is checked before any lookup (the API is public)."""
+
+        max_chars = 100
+
+        def refusal(self, payload: Any) -> str | None:
+            from personalization.resumable import key_refusal
+
+            return super().refusal(payload) or key_refusal(payload)
+
     class FormCheckbox(_Checked, gr.Checkbox):
         def refusal(self, payload: Any) -> str | None:
             if isinstance(payload, bool) or payload is None:

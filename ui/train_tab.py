@@ -17,6 +17,7 @@ from personalization.progress import format_seconds
 from personalization.tokens import strip_trigger
 from ui.checkpoints_view import checkpoint_view, pick
 from ui.fields import FormDropdown, FormRadio, UserError
+from ui.resume_panel import build_resume_panel
 from ui.services import Services, Session, for_display
 from ui.train_form import build_form, method_choices, wire_form
 from ui.training import INVALID, TrainingRuns, form_to_config, progress_html
@@ -76,9 +77,11 @@ def build_checkpoints() -> dict[str, Any]:
     return {"summary": summary, "grid": grid, "picker": picker, "pick": pick_button, "message": message}
 
 
-def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdown,
-                    upload: dict[str, Any]) -> dict[str, Any]:
+def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdown, upload: dict[str, Any],
+                    tabs: gr.Tabs, stored: gr.BrowserState) -> dict[str, Any]:
+    """``tabs``: the page's tabs; ``stored``: where the page keeps a run's resume code (ui.resume_panel)."""
     runs = TrainingRuns(services)
+    resume = build_resume_panel(services, tabs, stored)  # first: after a server restart, what the page offers
     with gr.Row():
         method = FormRadio(method_choices(), value=DEFAULT_METHOD, label="Method")
         default_mode = TrainingConfig(class_noun="subject", base_model=services.default_base).default_stage2_mode()
@@ -110,14 +113,24 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         """The form comes as named values: the `/train` API takes them by name (class_noun, stage1_steps, …)."""
         yield from runs.start(session_value, values)
 
+    def resume_training(session_value: Session | None, code: str):
+        """A new page after a server restart has no session yet: it gets one, which adopts the run."""
+        session_value = services.session(session_value)
+        for update in runs.resume(session_value, code):
+            yield *update, session_value
+
     wire_form(services, upload, base_model, method, stage2_mode, widgets)
     for control in [*widgets.values(), method, stage2_mode, base_model, upload["subject_type"]]:
         control.change(show_estimate, {*form.values(), session}, estimate, queue=False, api_visibility="undocumented")
     # No queue limit: each run waits for the GPU in TrainingRuns.start, where Cancel can still stop it. The handler
     # runs in the server; only the training itself is a GPU call (TrainingRuns.train_on_gpu).
-    run = {"fn": start_training, "inputs": [session], "outputs": [status, preview, result], "inputs_kwargs": form,
-           "concurrency_limit": None}
+    # The run's resume code goes to this browser's storage (and to an API client, as the call's fourth value).
+    run = {"fn": start_training, "inputs": [session], "outputs": [status, preview, result, resume["stored"]],
+           "inputs_kwargs": form, "concurrency_limit": None}
     run_event = start.click(**run, api_name="train")
+    resume_event = resume["resume"].click(resume_training, [session, resume["code"]],
+                                          [status, preview, result, resume["stored"], session], api_name="resume",
+                                          concurrency_limit=None)
     def show_samples(session_value: Session | None):
         return trained_samples(services, session_value)
 
@@ -128,13 +141,16 @@ def build_train_tab(services: Services, session: gr.State, base_model: gr.Dropdo
         shown = event.then(show_samples, session, [base_samples, samples], api_visibility="undocumented")
         shown.then(checkpoint_view, session, checkpoint_outputs, api_visibility="undocumented")
 
-    show_results(run_event)
+    for event in (run_event, resume_event):
+        show_results(event)
+        # A run that failed after a checkpoint is offered at once; a finished run's code is dropped.
+        event.then(**resume["restore"], api_visibility="undocumented").then(**resume["forget"])
     picked = checkpoints["pick"].click(pick, [session, checkpoints["picker"]], checkpoints["message"],
                                        api_name="pick_step")
     show_results(picked)
     cancel.click(runs.cancel, session, status, api_name="cancel", queue=False)
-    return {"run_event": run_event, "run": run, "samples": [base_samples, samples], "show_results": show_results,
-            "estimate": estimate,
-            "show_estimate": show_estimate, "estimate_inputs": {*form.values(), session}}
+    return {"run_event": run_event, "resume_event": resume_event, "run": run, "samples": [base_samples, samples],
+            "show_results": show_results, "restore": resume["restore"], "forget": resume["forget"],
+            "estimate": estimate, "show_estimate": show_estimate, "estimate_inputs": {*form.values(), session}}
 
 

@@ -1,6 +1,9 @@
 """A training started from the Train tab: the form read into a config, the wait for the GPU (where Cancel can still
 stop it), the streamed progress, and the sentence that ends it. The engine (`personalization.jobs`) runs it: the
-training itself in one GPU call (ui/zerogpu.py) that streams its progress back, everything else in the server."""
+training itself in one GPU call (ui/zerogpu.py) that streams its progress back, everything else in the server.
+
+Each run gets a resume code when it starts (`personalization.resumable`), which goes to the user's browser only: after
+a server restart, the code adopts the interrupted run into the new session and continues it the same way."""
 
 from __future__ import annotations
 
@@ -27,10 +30,16 @@ from personalization.jobs import (
     zero_gpu_seconds,
 )
 from personalization.progress import CancelFlag, ProgressEvent, format_seconds
+from personalization.resumable import ResumableRun, ResumeError, adopt_run, check_key, new_key, record_run, settle
+from ui.fields import UserError
 from ui.services import Services, Session, for_display
 from ui.zerogpu import gpu
 
 Update = tuple[str, Any, str]  # the Train tab's status, preview image and result message
+# ... and the run's resume code, which the page keeps in the browser (None: nothing left to resume; gr.skip(): no
+# run, the browser's code unchanged)
+Outcome = tuple[str, Any, str, Any]
+RESUMABLE_NOTE = " The run can be resumed from its last checkpoint (Resume an interrupted run, below)."
 INVALID = (ConfigError, ImageError, ValueError, TypeError)
 
 
@@ -69,7 +78,7 @@ def trained_message(job: TrainingJob, method_label: str) -> str:
 
 
 def training_seconds(config: TrainingConfig, subject_images: SubjectImages, output_dir: Path,
-                     cancel_file: Path) -> int:
+                     cancel_file: Path, resume: bool = False) -> int:
     """The GPU time of one training call (:func:`personalization.jobs.run_streamed`), from its config."""
     return zero_gpu_seconds(config, config.base_model or "")
 
@@ -93,28 +102,70 @@ class TrainingRuns:
         # The training, its previews, class images and samples: one GPU call, streaming plain values back.
         self.train_on_gpu = gpu(duration=training_seconds)(run_streamed)
 
-    def start(self, session: Session | None, values: dict[str, Any]) -> Iterator[Update]:
+    def start(self, session: Session | None, values: dict[str, Any]) -> Iterator[Outcome]:
         """Runs in the server (the session is changed in place and kept); only the training itself is a GPU call."""
         if session is None or session.subject is None or not len(session.subject):
-            yield progress_html(None, "Upload subject images first (Upload tab)."), None, ""
+            yield progress_html(None, "Upload subject images first (Upload tab)."), None, "", gr.skip()
             return
         if session.job is not None and session.job.state != "ended":
-            yield progress_html(None, "A training is already running in this session."), None, ""
+            yield progress_html(None, "A training is already running in this session."), None, "", gr.skip()
             return
         try:
             job = self.new_job(session, values)
         except INVALID as error:
-            yield progress_html(None, f"Invalid settings: {error}"), None, ""
+            yield progress_html(None, f"Invalid settings: {error}"), None, "", gr.skip()
             return
+        key = new_key()
         with session.workspace.in_use():
-            yield from self.run_when_gpu_free(job)
+            record = record_run(session.workspace.folder, key, job.config, job.subject_images, job.output_dir)
+            yield from self.follow(job, key)
+        yield self.outcome(job, record, key)
+
+    def resume(self, session: Session, code: str) -> Iterator[Outcome]:
+        """Continue the interrupted run whose resume code is ``code``, adopted into this session's workspace."""
+        if session.job is not None and session.job.state != "ended":
+            yield progress_html(None, "A training is already running in this session."), None, "", gr.skip()
+            return
+        # Held before the adoption: whoever else sends the code meanwhile finds the run's new workspace busy.
+        with session.workspace.in_use():
+            try:
+                key = check_key(code)
+                run = adopt_run(self.services.work_root, key, session.workspace.folder)
+                job = self.resumed_job(session, run)
+            except ResumeError as error:
+                raise UserError(str(error)) from None
+            except INVALID as error:
+                raise UserError(f"This run cannot be resumed on this server: {error}") from None
+            step = run.stopped_at()
+            yield progress_html(None, f"Resuming from the checkpoint at step {step}…"), None, "", key
+            yield from self.follow(job, None)
+        yield self.outcome(job, run.record, key)
+
+    def resumed_job(self, session: Session, run: ResumableRun) -> TrainingJob:
+        config = run.training_config()
+        self.services.checked_base(config.base_model)  # the server may no longer offer the run's base model
+        check_memory(self.services, config)
+        cancel_flag = CancelFlag(session.workspace.cancel_file)
+        cancel_flag.reset()
+        session.job = TrainingJob(config, run.subject_images(), run.output_dir, cancel_flag=cancel_flag, resume=True)
+        return session.job
+
+    def follow(self, job: TrainingJob, key: str | None) -> Iterator[Outcome]:
+        """The run's updates; the first carries ``key``, so the browser holds it before training starts."""
+        for status, preview, result in self.run_when_gpu_free(job):
+            yield status, preview, result, key or gr.skip()
+            key = None
+
+    def outcome(self, job: TrainingJob, record: Path, key: str) -> Outcome:
+        """The sentence that ends a run; the resume code stays in the browser while the run can still be resumed."""
         job.cancel_flag.reset()
+        code = key if settle(record) else None
         if not job.started:  # cancelled while waiting for the GPU
-            yield progress_html(None, "Cancelled before it started; nothing was trained or written."), None, ""
-        elif job.error is not None:
-            yield progress_html(None, describe_failure(job.error)), None, ""
-        else:
-            yield progress_html(None, "Done."), gr.skip(), trained_message(job, job.config.method_spec.label)
+            return progress_html(None, "Cancelled before it started; nothing was trained or written."), None, "", code
+        if job.error is not None:
+            message = describe_failure(job.error) + (RESUMABLE_NOTE if code else "")
+            return progress_html(None, message), None, "", code
+        return progress_html(None, "Done."), gr.skip(), trained_message(job, job.config.method_spec.label), None
 
     def new_job(self, session: Session, values: dict[str, Any]) -> TrainingJob:
         base = self.services.checked_base(values.get("base_model"))
@@ -141,7 +192,8 @@ class TrainingRuns:
             if job.cancel_flag.cancelled:
                 return
             yield progress_html(None, "Loading the base model…"), None, ""
-            stream = self.train_on_gpu(job.config, job.subject_images, job.output_dir, job.cancel_flag.signal_file)
+            stream = self.train_on_gpu(job.config, job.subject_images, job.output_dir, job.cancel_flag.signal_file,
+                                       job.resume)
             # A closed browser tab closes this generator: closing the events cancels the run before the unlock.
             with contextlib.closing(job.run_elsewhere(stream)) as events:
                 for event in events:
