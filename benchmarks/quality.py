@@ -564,6 +564,9 @@ def main() -> None:
     parser.add_argument("--shard", default="1/1",
                         help="K/N: run every N-th run starting at the K-th, so N processes (each with its own --json "
                              "and --threads 1, pinned with taskset) share a grid")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report every run in --json, whatever its label (e.g. merged files of "
+                        "variants run with --set)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -579,12 +582,15 @@ def main() -> None:
     # run (all of a run's checkpoints at once), so a grid of hours survives an interrupted session.
     rows = read_rows(args.json)
     done = {(row["method"], row["subject"], row["seed"]) for row in rows}
+    if args.report_only:
+        subjects = [subject for subject in subjects if subject.name in {row["subject"] for row in rows}]
+        recipes = sorted({(row["method"], ()) for row in rows})
     with tempfile.TemporaryDirectory() as scratch_name:
         # Seeds outermost: a grid cut short still covers every method and subject evenly.
         grid = [(seed, subject, label, changes) for seed in range(args.first_seed, args.first_seed + args.seeds)
                 for subject in subjects for label, changes in recipes]
         for seed, subject, label, changes in grid[shard_index - 1::shard_count]:
-            if (label, subject.name, seed) in done:
+            if (label, subject.name, seed) in done or args.report_only:
                 continue
             run_rows = run_one(label, changes, subject, seed, Path(scratch_name), args.steps_scale, args.base_model,
                                args.score_seeds, args.class_probes)
@@ -595,13 +601,14 @@ def main() -> None:
                                            "kept")}), flush=True)
             if args.json:
                 write_atomically(args.json, json.dumps(rows, indent=2))
-    wanted = {(label, subject.name, seed) for seed, subject, label, _ in grid}
+    wanted = done if args.report_only else {(label, subject.name, seed) for seed, subject, label, _ in grid}
     rows = [row for row in rows if (row["method"], row["subject"], row["seed"]) in wanted]
     if not rows:
         raise SystemExit("no runs to report")
     threads = sorted({row["threads"] for row in rows if "threads" in row}) or [torch.get_num_threads()]
     probes = sorted({(row.get("class_probes"), row.get("trigger_seeds")) for row in rows})
-    header = (f"mini world, {len(subjects)} subjects ({args.subjects_dir.name}/) x {args.seeds} seeds, "
+    seeds = len({row["seed"] for row in rows})
+    header = (f"mini world, {len(subjects)} subjects ({args.subjects_dir.name}/) x {seeds} seeds, "
               f"{len(group_runs(rows))} runs, {len(rows)} checkpoints scored with "
               f"{' / '.join(f'{c} class probes and {t} trigger seeds' for c, t in probes)}; on {hardware_name()} "
               f"(runs used {'/'.join(map(str, threads))} torch thread(s)); {os.cpu_count()} cores; torch "
