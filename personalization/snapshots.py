@@ -19,7 +19,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -114,7 +114,9 @@ def save_resume_state(folder: Path, state: ResumeState) -> None:
     """Write the state atomically: a kill mid-write leaves the previous checkpoint's."""
     path = folder / artifacts.RESUME_STATE_FILE
     staging = path.with_name(f".{path.name}.partial")
-    torch.save(asdict(state), staging)
+    # Field by field, not dataclasses.asdict: that deep-copies every tensor (the weights and both AdamW moments)
+    # before they are written, for the same bytes on disk.
+    torch.save({entry.name: getattr(state, entry.name) for entry in fields(state)}, staging)
     staging.replace(path)
 
 

@@ -547,6 +547,10 @@ def run_stage(stage: StagePlan, ctx: StageContext) -> StageSummary:
 
 
 # ---- checkpoints and resume -------------------------------------------------------------------------------------
+# Samples rendered in one pipeline call, in pixels: on the mini model's 32 px images one call of 4 costs about half
+# of 4 calls of 1 (CPU, benchmarks/checkpoint_cost.py); at SD sizes (512 px and up) they stay one at a time, as the
+# memory of a batch beside a training run's state is not measured on small GPUs.
+SAMPLE_BATCH_PIXELS = 256 * 256
 @dataclass
 class Keeper:
     """The run's checkpoints (:mod:`personalization.snapshots`): where they go, the state a resumed run continues
@@ -1046,18 +1050,27 @@ def summary_dict(result: TrainingResult) -> dict[str, Any]:
     }
 
 
+def sample_batch_size(resolution: int) -> int:
+    """How many samples one pipeline call renders: as many as :data:`SAMPLE_BATCH_PIXELS` holds, at least one."""
+    return max(1, SAMPLE_BATCH_PIXELS // resolution**2)
+
+
 def _render_samples(comps: Components, config: TrainingConfig, cancel: CancelFlag) -> Iterator[Image.Image]:
-    """The card's samples, one at a time (a generator: each is written before the next is rendered)."""
+    """The card's samples (sample i: prompt i, seed + i), in batches of :func:`sample_batch_size` (a generator: each
+    batch is written before the next is rendered)."""
     if not config.sample_count:
         return
     pipeline = sampling_pipeline(comps)
     prompts = config.sample_prompts()
-    for index in range(config.sample_count):
+    resolution = config.resolution or 512
+    batch = sample_batch_size(resolution)
+    for start in range(0, config.sample_count, batch):
         cancel.raise_if_cancelled()
-        generator = torch.Generator("cpu").manual_seed(config.seed + index)
-        resolution = config.resolution or 512
+        indices = range(start, min(start + batch, config.sample_count))
+        # One generator per image, seeded as when they were rendered one at a time: the same starting noise.
+        generators = [torch.Generator("cpu").manual_seed(config.seed + index) for index in indices]
         with torch.no_grad(), eager_sampling():
-            image = pipeline(prompts[index % len(prompts)], num_inference_steps=config.sample_steps,
-                             guidance_scale=config.guidance_scale, height=resolution, width=resolution,
-                             generator=generator).images[0]
-        yield image
+            images = pipeline([prompts[index % len(prompts)] for index in indices],
+                              num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale,
+                              height=resolution, width=resolution, generator=generators).images
+        yield from images

@@ -329,3 +329,40 @@ def test_the_first_eta_is_the_estimate_shown_before_start(tiny_base, subject_dir
     assert first.eta_s == pytest.approx(3 * estimate.embedding_step_s + 4 * estimate.unet_step_s
                                         + estimate.samples_s)
     assert steps[-1].eta_s == pytest.approx(estimate.samples_s, abs=1e-6)  # only the samples are left at the end
+
+
+def test_small_samples_are_rendered_in_one_call_each_from_its_own_prompt_and_seed(tiny_base, monkeypatch):
+    """A batch of the mini world's 32 px samples costs about half of rendering them one at a time; each sample is
+    still the image its prompt and seed give alone (up to float rounding across batch sizes)."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from personalization.trainer import _render_samples, sample_batch_size, sampling_pipeline
+
+    comps = load_components(str(tiny_base), choose_placement("no", "cpu"))
+    settings = tiny_config(tiny_base, sample_count=3, sample_steps=3, seed=7).resolved()
+    settings = dataclasses.replace(settings, resolution=TINY_RESOLUTION)
+    alone = []
+    for index in range(3):
+        generator = torch.Generator("cpu").manual_seed(7 + index)
+        alone.append(np.asarray(sampling_pipeline(comps)(
+            settings.sample_prompts()[index], num_inference_steps=3, guidance_scale=settings.guidance_scale,
+            height=TINY_RESOLUTION, width=TINY_RESOLUTION, generator=generator).images[0], dtype=np.int16))
+
+    calls = []
+    render = StableDiffusionPipeline.__call__
+
+    def counted(pipeline, prompt, *args, **kwargs):
+        calls.append(prompt)
+        return render(pipeline, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counted)
+    samples = [np.asarray(image, dtype=np.int16) for image in _render_samples(comps, settings, CancelFlag())]
+    assert calls == [settings.sample_prompts()[:3]]
+    assert len(samples) == 3
+    assert all(np.abs(batched - single).max() <= 1 for batched, single in zip(samples, alone, strict=True))
+    assert not np.array_equal(samples[0], samples[1])  # each its own seed and prompt
+    # SD-size samples stay one per call: a batch's memory beside a training run is not measured on small GPUs.
+    assert sample_batch_size(32) >= 4 and sample_batch_size(TINY_RESOLUTION) >= 3
+    assert sample_batch_size(512) == sample_batch_size(1024) == 1
+

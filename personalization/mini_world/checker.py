@@ -16,6 +16,7 @@ normalizing position and scale (bounding box -> a 16x16 grid), so it measures ap
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -114,9 +115,14 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+# Masks' centres and radii are half-pixel multiples, so the same few templates recur across images: drawing them
+# was the larger part of reading an image.
+@functools.lru_cache(maxsize=8192)
 def _template(shape: str, cx: float, cy: float, radius: float, size: int) -> np.ndarray:
     big = shape_mask(shape, cx / size, cy / size, radius / size, size)
-    return np.asarray(big.resize((size, size), Image.Resampling.BOX), dtype=np.float32) >= 128
+    template = np.asarray(big.resize((size, size), Image.Resampling.BOX), dtype=np.float32) >= 128
+    template.flags.writeable = False  # shared between callers through the cache
+    return template
 
 
 def classify_shape(mask: np.ndarray) -> tuple[str | None, float]:
@@ -225,10 +231,28 @@ def subject_fidelity(image: Image.Image | np.ndarray, reference_images: Sequence
     desc = _describe(image)
     if desc is None:
         return 0.0
-    refs = [d for d in (_describe(r) for r in reference_images) if d is not None]
-    if not refs:
-        raise ValueError("no object found in any reference image")
-    return float(np.mean([_similarity(desc, r) for r in refs]))
+    return SubjectReferences(reference_images).similarity(desc)
+
+
+class SubjectReferences:
+    """A subject's reference images, read once: :func:`subject_fidelity` against them for many images (a scorer
+    reads 16 images per checkpoint against the same references)."""
+
+    def __init__(self, reference_images: Sequence[Image.Image | np.ndarray]) -> None:
+        self.images = list(reference_images)
+        self._descriptors: list[_Descriptor] | None = None
+
+    def fidelity(self, image: Image.Image | np.ndarray) -> float:
+        """:func:`subject_fidelity` of ``image`` against these references."""
+        desc = _describe(image)
+        return 0.0 if desc is None else self.similarity(desc)
+
+    def similarity(self, desc: _Descriptor) -> float:
+        if self._descriptors is None:
+            self._descriptors = [d for d in (_describe(r) for r in self.images) if d is not None]
+        if not self._descriptors:
+            raise ValueError("no object found in any reference image")
+        return float(np.mean([_similarity(desc, r) for r in self._descriptors]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -92,3 +92,25 @@ def test_shipped_mini_model_draws_held_out_prompts_with_plain_diffusers() -> Non
     assert [r.background for r in readings] == [b for _, _, b in combos], readings
     assert sum(r.color == c for r, (_, c, _) in zip(readings, combos, strict=True)) >= 3, readings
     assert sum(r.shape == s for r, (s, _, _) in zip(readings, combos, strict=True)) >= 3, readings
+
+
+def test_references_read_once_give_subject_fidelity() -> None:
+    """A scorer reads its references once (SubjectReferences) and must get what subject_fidelity gives."""
+    refs, _ = subjects.load_examples("dotted_heart")
+    rng = np.random.default_rng(5)
+    images = [subjects.sample_subject_image(name, rng) for name in subjects.SUBJECTS for _ in range(3)]
+    images += [world.render(world.sample_scene(rng)) for _ in range(12)]
+    images.append(Image.new("RGB", (32, 32), world.COLORS["green"]))
+    read_once = checker.SubjectReferences(refs)
+    assert [read_once.fidelity(image) for image in images] == [checker.subject_fidelity(image, refs)
+                                                               for image in images]
+    blank_refs = checker.SubjectReferences([Image.new("RGB", (32, 32), world.COLORS["blue"])])
+    with pytest.raises(ValueError, match="no object found in any reference image"):
+        blank_refs.fidelity(images[0])
+
+
+def test_shape_templates_shared_through_the_cache_cannot_be_changed() -> None:
+    template = checker._template("heart", 16.0, 16.0, 9.5, 32)
+    assert template is checker._template("heart", 16.0, 16.0, 9.5, 32)
+    with pytest.raises(ValueError, match="read-only"):
+        template[0, 0] = True
