@@ -157,14 +157,16 @@ class CostClock:
                     self.checkpoints.wall - sum(p.wall for p in parts))
 
 
-def probe_scorer(config: TrainingConfig, subject: Path, probe_steps: int) -> MiniWorldScorer:
+def probe_scorer(config: TrainingConfig, subject: Path, probe_steps: int, **counts: int) -> MiniWorldScorer:
     """The scorer the trainer builds for the mini world (references at the run's resolution, their colours read by
-    the checker), with its probes at ``probe_steps``."""
+    the checker), with its probes at ``probe_steps``; ``counts``: other probe counts (``trigger_seeds``,
+    ``class_probes``)."""
     config = config.resolved()
     resolution = config.resolution or default_resolution(resolve_base_model_path(config.base_model))
     references = load_subject_images(subject, resolution).images
     colors = sorted({color for image in references if (color := read_image(image).color)})
-    return MiniWorldScorer(references, config.trigger_token, config.class_noun, colors, probe_steps=probe_steps)
+    return MiniWorldScorer(references, config.trigger_token, config.class_noun, colors, probe_steps=probe_steps,
+                           **counts)
 
 
 def run(subject: Path, changes: dict[str, Any], scratch: Path, probe_steps: int | None = None) -> dict[str, Any]:

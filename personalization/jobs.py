@@ -118,13 +118,13 @@ def estimate_run(config: TrainingConfig, device_name: str, base_model: str) -> R
         class_images_s=config.class_images * image * scale if config.prior_preservation else 0.0,
         embedding_step_s=embed * scale, unet_step_s=unet_step * scale,
         stage1_steps=config.stage1_steps, stage2_steps=config.stage2_steps,
-        samples_s=checkpoint_images(config) * image * scale,
+        samples_s=checkpoint_image_cost(config) * image * scale,
     )
 
 
-def checkpoint_images(config: TrainingConfig) -> int:
-    """Images a run renders besides training: every checkpoint's samples and, where they are scored on the mini
-    world, its probes (other bases are scored only where CLIP and DINO are at hand, which the estimate cannot know)."""
+def _checkpoint_counts(config: TrainingConfig) -> tuple[int, int]:
+    """(samples, scoring probes) a run renders besides training. Probes are counted where they are scored on the
+    mini world (other bases are scored only where CLIP and DINO are at hand, which the estimate cannot know)."""
     from .checkpoints import checkpoint_steps
 
     count = len(checkpoint_steps([config.stage1_steps, config.stage2_steps], config.checkpoints))
@@ -134,7 +134,25 @@ def checkpoint_images(config: TrainingConfig) -> int:
 
         per_checkpoint, base = MiniWorldScorer.default_image_counts()
         probes = count * per_checkpoint + base
-    return count * config.sample_count + probes
+    return count * config.sample_count, probes
+
+
+def checkpoint_images(config: TrainingConfig) -> int:
+    """Images a run renders besides training: every checkpoint's samples and, where they are scored on the mini
+    world, its probes."""
+    return sum(_checkpoint_counts(config))
+
+
+def checkpoint_image_cost(config: TrainingConfig) -> float:
+    """:func:`checkpoint_images` in sample images' worth of denoising: a mini-world probe takes
+    ``MiniWorldScorer.DEFAULT_PROBE_STEPS`` steps (at most the samples' own), a sample ``sample_steps``."""
+    samples, probes = _checkpoint_counts(config)
+    if not probes:
+        return float(samples)
+    from .mini_world.scoring import MiniWorldScorer
+
+    steps = min(MiniWorldScorer.DEFAULT_PROBE_STEPS, config.sample_steps)
+    return samples + probes * steps / config.sample_steps
 
 
 def estimate_seconds(config: TrainingConfig, device_name: str, base_model: str) -> float:

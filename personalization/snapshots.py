@@ -40,7 +40,11 @@ Render = Callable[[Sequence[str], Sequence[int]], list[Image.Image]]
 
 
 class Scorer(Protocol):
-    """Scores the model as it stands; :meth:`prepare` reads the base model once, before training."""
+    """Scores the model as it stands; :meth:`prepare` reads the base model once, before training.
+
+    A scorer may also say at how many denoising steps its probes are rendered (``probe_steps``, see
+    :func:`personalization.trainer.probe_steps`); without it they take the samples' steps.
+    """
 
     name: str
     drift_tolerance: float

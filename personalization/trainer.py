@@ -602,9 +602,10 @@ def take_checkpoint(stage: StagePlan, ctx: StageContext, step: int, loss_value: 
     done = ctx.steps_before + step
     with _eval_mode(live[0].modules if live else []), torch.random.fork_rng(devices=[]):
         samples = _render_samples(comps, config, ctx.cancel)
+        steps = probe_steps(keeper.snapshotter.scorer, config)
         point = keeper.snapshotter.take(done, trained_weights(comps, config, ctx.trigger_id, stage), samples,
                                         lambda prompts, seeds: render_batch(comps, config, prompts, seeds,
-                                                                            ctx.accelerator),
+                                                                            ctx.accelerator, steps=steps),
                                         keeper.training_seconds(started))
     state = ResumeState(keeper.fingerprint, done, point.training_s, torch.get_rng_state(),
                         trigger_rows(comps, ctx.trigger_id), loss=loss_value,
@@ -670,21 +671,29 @@ def _eval_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
             module.train(training)
 
 
+def probe_steps(scorer: Scorer | None, config: TrainingConfig) -> int:
+    """Denoising steps of the scoring probes: the scorer's ``probe_steps`` (fewer than the samples' where measured
+    not to change its readings), never more than the samples' own steps."""
+    # A scorer without the attribute (one a benchmark wraps or writes itself) keeps the samples' steps.
+    steps = getattr(scorer, "probe_steps", None)
+    return min(steps, config.sample_steps) if steps else config.sample_steps
+
+
 @torch.no_grad()
 def render_batch(comps: Components, config: TrainingConfig, prompts: Sequence[str], seeds: Sequence[int],
-                 accelerator: Accelerator) -> list[Image.Image]:
+                 accelerator: Accelerator, *, steps: int | None = None) -> list[Image.Image]:
     """Images of ``prompts`` (one seed each) with the model as it stands, batched and in the run's mixed precision
-    (scoring probes, not published images); the global random state is left untouched, so a checkpoint never
-    changes what training does next."""
+    (scoring probes, not published images), at ``steps`` denoising steps (default: the samples'); the global random
+    state is left untouched, so a checkpoint never changes what training does next."""
     resolution = config.resolution or comps.unet.config.sample_size * comps.vae_scale_factor
     pipeline, images = sampling_pipeline(comps), []
     with torch.random.fork_rng(devices=[]), eager_sampling(), accelerator.autocast():
         for start in range(0, len(prompts), 16):
             chunk = list(range(start, min(start + 16, len(prompts))))
             generators = [torch.Generator("cpu").manual_seed(seeds[index]) for index in chunk]
-            images += pipeline([prompts[index] for index in chunk], num_inference_steps=config.sample_steps,
-                               guidance_scale=config.guidance_scale, height=resolution, width=resolution,
-                               generator=generators).images
+            images += pipeline([prompts[index] for index in chunk],
+                               num_inference_steps=steps or config.sample_steps, guidance_scale=config.guidance_scale,
+                               height=resolution, width=resolution, generator=generators).images
     return images
 
 
@@ -962,8 +971,9 @@ def _run_stages(run: _Run, subject_latents: LatentCache, flip_offset: int | None
         # compile's warm-up. The warm-up happens in the first steps and is counted in the training time.
         run.components.unet.compile_repeated_blocks()
     if keeper is not None and keeper.snapshotter.scorer is not None:
+        steps = probe_steps(keeper.snapshotter.scorer, run.config)  # the base model's probes match the checkpoints'
         keeper.snapshotter.scorer.prepare(lambda prompts, seeds: render_batch(run.components, run.config, prompts,
-                                                                              seeds, run.accelerator))
+                                                                              seeds, run.accelerator, steps=steps))
     resumed = keeper.resumed if keeper else None
     summaries: list[StageSummary] = list(keeper.finished) if keeper else []
     if resumed is not None and resumed.trigger_rows and run.trigger_id is not None:

@@ -220,3 +220,45 @@ def test_speed_benchmark_runs_sdxl_shapes_with_the_24_gb_plan(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| two_stage (lora) + checkpointing + 8-bit Adam | stage 2 · U-Net lora |" in result.stdout
     assert "sdxl-tiny at 64 px" in result.stdout and "reference" not in result.stdout
+
+
+def test_checkpoint_cost_benchmark_splits_the_cost_of_checkpoints(tmp_path):
+    """A short default-recipe run: every part of the checkpoints timed, the parts adding up to the whole."""
+    out = tmp_path / "cost.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "checkpoint_cost.py"), "--set", "stage1_steps=4",
+         "stage2_steps=4", "checkpoints=1", "sample_count=2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PERSONALIZATION_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {row["part"]: row for row in report["rows"]}
+    assert rows["checkpoints, all 2"]["images"] == 2 * (16 + 2)  # stage 1's end and stage 2's: probes + samples
+    assert rows["· scoring: probe images"]["images"] == 2 * 16 and rows["· sample images"]["images"] == 4
+    parts = [row["cpu_s"] for name, row in rows.items() if name.startswith("·")]
+    assert sum(parts) == pytest.approx(report["checkpoints_cpu_s"]) and all(part >= 0 for part in parts[:-1])
+    assert report["fraction_cpu"] == pytest.approx(report["checkpoints_cpu_s"] / report["training_cpu_s"])
+    assert [point["step"] for point in report["checkpoints"]] == [4, 8]
+    assert "Checkpoints cost **" in result.stdout and "commit" in result.stdout
+
+
+def test_probe_steps_benchmark_reads_the_same_checkpoints_at_each_setting(tmp_path):
+    """Every variant scores the same checkpoints; the reference against itself changes nothing; --report reprints."""
+    out = tmp_path / "agreement.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "probe_steps.py"), "--subjects", "dotted_heart",
+               "--steps", "6", "3", "--other-seeds", "--large", "--set", "stage1_steps=4", "stage2_steps=4",
+               "checkpoints=1", "--json", str(out)]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PERSONALIZATION_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [run] = json.loads(out.read_text())
+    assert [point["step"] for point in run["checkpoints"]] == [4, 8]
+    for point in run["checkpoints"]:
+        assert set(point["by_variant"]) == {"6", "3", "6b", "3b", "large"}
+        assert point["by_variant"]["6"]["image_fidelity_mad"] == 0.0
+        assert point["by_variant"]["6"]["class_verdicts_changed"] == 0.0
+    assert "| 6 | - | 0.000 | 0.000 | 0.000 |" in result.stdout and "| 3b | 6b |" in result.stdout
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_steps.py"), "--report", str(out)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert report.stdout.strip() == result.stdout.split("done: dotted_heart seed 0\n", 1)[1].strip()

@@ -203,3 +203,17 @@ def test_the_estimate_counts_every_checkpoints_samples_and_the_mini_worlds_probe
                                             score_checkpoints=False).resolved()) == 2 * 4
     sd = TrainingConfig(class_noun="dog", base_model=SD15_HUB_ID).resolved()
     assert checkpoint_images(sd) == 5 * 4  # scored only where CLIP and DINO are at hand: not counted
+
+
+def test_the_estimate_costs_the_probes_at_their_fewer_denoising_steps():
+    """The mini world's probes take 10 denoising steps against the samples' 25: 0.4 of a sample each."""
+    from personalization.jobs import checkpoint_image_cost, estimate_run
+
+    mini = TrainingConfig(class_noun="star", base_model=BUNDLED_MINI_MODEL).resolved()
+    assert checkpoint_image_cost(mini) == pytest.approx(5 * 4 + (5 * 16 + 12) * 10 / 25)
+    few_steps = TrainingConfig(class_noun="star", base_model=BUNDLED_MINI_MODEL, sample_steps=8).resolved()
+    assert checkpoint_image_cost(few_steps) == 5 * 4 + 5 * 16 + 12  # probes never take more steps than samples
+    image_s = estimate_run(mini, "CPU (2 threads, fp32)", BUNDLED_MINI_MODEL).samples_s / checkpoint_image_cost(mini)
+    assert image_s == pytest.approx(0.3)  # the cpu-mini row's seconds per sample image
+    sd = TrainingConfig(class_noun="dog", base_model=SD15_HUB_ID).resolved()
+    assert checkpoint_image_cost(sd) == 5 * 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,48 @@ def test_real_bases_are_scored_with_clip_and_dino_when_their_weights_are_here(ti
     assert all({"fidelity", "drift", "clip_i", "clip_t", "dino"} <= set(c.scores) for c in table.checkpoints)
     assert table.checkpoints[0].scores["drift"] == pytest.approx(0.0, abs=1e-5)  # stage 1: class images unchanged
     assert table.kept_step == table.recommended_step
+
+
+class ProbeRecorder:
+    """A scorer of this test's own: keeps the base model's probe images and scores every checkpoint alike."""
+
+    name, drift_tolerance = "probe recorder", 0.1
+    prompts, seeds = ["a photo of a box", "a photo of a box on a table"], [3, 4]
+
+    def __init__(self, probe_steps: int | None) -> None:
+        self.probe_steps, self.base_images = probe_steps, []
+
+    def prepare(self, render_base) -> None:
+        self.base_images = render_base(self.prompts, self.seeds)
+
+    def score(self, render):
+        render(self.prompts, self.seeds)
+        return types.SimpleNamespace(as_dict=lambda: {"fidelity": 0.5, "drift": 0.0})
+
+
+def test_probes_are_rendered_at_the_scorers_steps_and_the_samples_at_their_own(tiny_base, subject_dir, tmp_path):
+    """Probes at fewer denoising steps than the samples (the mini world's scorer: 10 against 25), the base model's as
+    well as the checkpoints', so drift compares like with like; never more steps than the samples take."""
+    from accelerate import Accelerator
+
+    from personalization.device import choose_placement
+    from personalization.trainer import load_components, render_batch
+
+    settings = config(tiny_base, sample_steps=4)
+    recorder = ProbeRecorder(probe_steps=2)
+    result = train(settings, subject_dir, tmp_path / "out", scorer=recorder)
+    comps = load_components(str(tiny_base), choose_placement("no", "cpu"))
+
+    def base_images(steps: int) -> list[np.ndarray]:
+        images = render_batch(comps, result.config, recorder.prompts, recorder.seeds, Accelerator(cpu=True),
+                              steps=steps)
+        return [np.asarray(image) for image in images]
+
+    recorded = [np.asarray(image) for image in recorder.base_images]
+    assert all(np.array_equal(a, b) for a, b in zip(recorded, base_images(2), strict=True))
+    assert not any(np.array_equal(a, b) for a, b in zip(recorded, base_images(4), strict=True))
+    assert read_table(result.output_dir).recommended_step == 3  # scored: equal scores, the earliest
+
+    capped = ProbeRecorder(probe_steps=9)  # more than the samples' 4: capped at 4
+    train(settings, subject_dir, tmp_path / "capped", scorer=capped)
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(capped.base_images, base_images(4), strict=True))

@@ -366,3 +366,15 @@ def test_small_samples_are_rendered_in_one_call_each_from_its_own_prompt_and_see
     assert sample_batch_size(32) >= 4 and sample_batch_size(TINY_RESOLUTION) >= 3
     assert sample_batch_size(512) == sample_batch_size(1024) == 1
 
+
+def test_probe_steps_come_from_the_scorer_and_never_exceed_the_samples():
+    from types import SimpleNamespace
+
+    from personalization.trainer import probe_steps
+
+    settings = TrainingConfig(class_noun="box", sample_steps=25)
+    assert probe_steps(SimpleNamespace(probe_steps=10), settings) == 10
+    assert probe_steps(SimpleNamespace(probe_steps=40), settings) == 25
+    assert probe_steps(SimpleNamespace(probe_steps=None), settings) == 25
+    assert probe_steps(SimpleNamespace(), settings) == 25  # a scorer that does not say: the samples' steps
+    assert probe_steps(None, settings) == 25

@@ -1,7 +1,7 @@
 """Scores of a personalization on the mini world, read by the analytic checker (no learned metric involved).
 
 One definition serves the quality benchmark, the CLI's ``evaluate`` and the trainer's checkpoints
-(:class:`MiniWorldScorer`); only the number of probe images differs.
+(:class:`MiniWorldScorer`); only the number of probe images and their denoising steps differ.
 
 - subject fidelity: `subject_fidelity` of images from trigger prompts against the subject's references (0 where the
   subject is absent), and the same for the base model's images of the plain class prompt (the "before" value);
@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from personalization.generation import GenerationRequest, Generator
-from personalization.mini_world.checker import read_image, subject_fidelity
+from personalization.mini_world.checker import SubjectReferences, read_image
 from personalization.mini_world.world import COLOR_NAMES, full_caption
 
 # A class-prompt image at least this close to the references is the subject, not the class: own renders of the
@@ -88,7 +88,9 @@ class MiniWorldScorer:
 
     ``trigger_seeds``: each seed renders the trigger phrase alone and on a background (2 images per seed).
     ``class_probes``: class prompts without the trigger, one seed each; drift's resolution is 1 / class_probes.
-    :meth:`prepare` renders the base model's images once (before training), :meth:`score` the model as it stands.
+    ``probe_steps``: denoising steps the trainer renders the probes at (None: the samples' steps).
+    :meth:`prepare` renders the base model's images once (before training), :meth:`score` the model as it stands;
+    each renders all its probes in one call.
     """
 
     name = "mini-world checker"
@@ -97,6 +99,13 @@ class MiniWorldScorer:
     drift_tolerance = 0.125
 
     DEFAULT_TRIGGER_SEEDS, DEFAULT_CLASS_PROBES = 4, 8
+    # Denoising steps of the trainer's probes (the samples take 25). Measured on 40 checkpoints of the default recipe
+    # of the time, 400 + 300 (benchmarks/probe_steps.py, 4 subjects x 2 seeds, two seed sets; the tables in
+    # benchmarks/results/probe-steps-mini-2026-11-27.md): 10 steps move a checkpoint's fidelity by 0.015 on average,
+    # a third of what another choice of probe seeds moves it at 25 steps (0.047); the recommendation matched a 4x
+    # larger held-out probe set's in 12 of 16 runs against 14 of 16 at 25 steps, the 4 others its second choice.
+    # 5 steps read fine patterns (stripes, the smiley's face) up to 0.11 lower.
+    DEFAULT_PROBE_STEPS = 10
 
     @classmethod
     def default_image_counts(cls) -> tuple[int, int]:
@@ -106,8 +115,9 @@ class MiniWorldScorer:
 
     def __init__(self, references: Sequence[Image.Image], trigger_token: str, class_noun: str,
                  subject_colors: Sequence[str] = (), *, trigger_seeds: int = DEFAULT_TRIGGER_SEEDS,
-                 class_probes: int = DEFAULT_CLASS_PROBES) -> None:
-        self.references, self.noun = list(references), class_noun
+                 class_probes: int = DEFAULT_CLASS_PROBES, probe_steps: int | None = DEFAULT_PROBE_STEPS) -> None:
+        self.references, self.noun = SubjectReferences(references), class_noun
+        self.probe_steps = probe_steps
         backgrounds = [c for c in COLOR_NAMES if c not in set(subject_colors)] or list(COLOR_NAMES)
         self.trigger_prompts, self.trigger_seeds, self.background_of = [], [], {}
         for seed in range(trigger_seeds):
@@ -125,23 +135,25 @@ class MiniWorldScorer:
 
     def prepare(self, render_base: Render) -> None:
         """Read the base model's class images and its fidelity for the plain class prompt, once per run."""
-        self.base_class = self._read_class(render_base(self.class_prompts, self.class_seeds))
         seeds = sorted(set(self.trigger_seeds))
-        plain = render_base([f"a photo of a {self.noun}"] * len(seeds), seeds)
-        self.base_fidelity = _mean([subject_fidelity(image, self.references) for image in plain])
+        images = render_base(self.class_prompts + [f"a photo of a {self.noun}"] * len(seeds),
+                             self.class_seeds + seeds)  # one call: a batch renders faster per image
+        self.base_class = self._read_class(images[:len(self.class_prompts)])
+        self.base_fidelity = _mean([self.references.fidelity(image) for image in images[len(self.class_prompts):]])
 
     def score(self, render: Render) -> MiniWorldScores:
         if self.base_class is None:
             raise RuntimeError("MiniWorldScorer.prepare must render the base model's images first")
-        trigger_images = render(self.trigger_prompts, self.trigger_seeds)
-        personal = self._read_class(render(self.class_prompts, self.class_seeds))
+        images = render(self.trigger_prompts + self.class_prompts, self.trigger_seeds + self.class_seeds)
+        trigger_images = images[:len(self.trigger_prompts)]
+        personal = self._read_class(images[len(self.trigger_prompts):])
         readings = [read_image(image) for image in trigger_images]
         present = [index for index, reading in enumerate(readings) if reading.color is not None]
         with_background = [index for index in present if index in self.background_of]
         differences = [float(base.right) - float(mine.right) for base, mine in zip(self.base_class, personal,
                                                                                        strict=True)]
         return MiniWorldScores(
-            subject_fidelity=_mean([subject_fidelity(image, self.references) for image in trigger_images]),
+            subject_fidelity=_mean([self.references.fidelity(image) for image in trigger_images]),
             base_subject_fidelity=self.base_fidelity,
             background_accuracy=_mean([float(readings[i].background == self.background_of[i])
                                        for i in with_background]),
@@ -162,7 +174,7 @@ class MiniWorldScorer:
         for image, color in zip(images, self.class_colors, strict=True):
             reading = read_image(image)
             readings.append(_ClassReading(reading.color == color, reading.shape == self.noun,
-                                          subject_fidelity(image, self.references) >= LEAK_FIDELITY))
+                                          self.references.fidelity(image) >= LEAK_FIDELITY))
         return readings
 
 
@@ -200,6 +212,6 @@ def score_personalization(
         return render
 
     scorer = MiniWorldScorer(references, info.trigger_token, info.class_noun, subject_colors, trigger_seeds=seeds,
-                             class_probes=class_probes)
+                             class_probes=class_probes, probe_steps=steps)
     scorer.prepare(renderer(personalized=False))
     return scorer.score(renderer(personalized=True))
