@@ -166,26 +166,36 @@ def record_run(workspace: Path, key: str, config: TrainingConfig, images: Subjec
     return record
 
 
-def read_record(record: Path) -> ResumableRun:
+def read_record(record: Path, *, check_config: bool = True) -> ResumableRun:
+    """The run of ``record``, or ResumeError. ``check_config``: also refuse settings this version cannot train
+    (records outlive the server, and a restart is often a new version): describing or resuming the run needs them."""
     try:
         values = json.loads((record / RECORD_FILE).read_text(encoding="utf-8"))
         run_name = values["run"]
         if not isinstance(run_name, str) or run_name != Path(run_name).name or run_name.startswith("."):
             raise ValueError(f"not a run folder name: {run_name!r}")
-        return ResumableRun(record, run_name, dict(values["config"]), list(values["photos"]),
-                            list(values.get("notes", [])))
+        run = ResumableRun(record, run_name, dict(values["config"]), list(values["photos"]),
+                           list(values.get("notes", [])))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ResumeError(f"The record of this run cannot be read ({str(error)[:120]}).") from None
+    if check_config:
+        try:
+            run.training_config()
+        except (ValueError, TypeError) as error:  # ConfigError: an unknown field, a method no longer offered
+            reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+            raise ResumeError(f"This run was recorded by another version of this app and cannot be resumed here "
+                              f"({reason}).") from None
+    return run
 
 
-def find_run(root: Path, key: str) -> ResumableRun:
+def find_run(root: Path, key: str, *, check_config: bool = True) -> ResumableRun:
     """The run recorded under ``key`` in any workspace of ``root``, or ResumeError (:data:`UNKNOWN`)."""
     name = f"{RECORD_PREFIX}{key_digest(key)}"
     root = Path(root)
     for workspace in sorted(root.iterdir()) if root.is_dir() else []:
         record = workspace / name
         if record.is_dir() and not record.is_symlink():
-            return read_record(record)
+            return read_record(record, check_config=check_config)
     raise ResumeError(UNKNOWN)
 
 
@@ -220,7 +230,7 @@ def discard_run(root: Path, key: str) -> ResumableRun:
     """Remove the run recorded under ``key``: its checkpoints, its resume state and its record. Refused
     (ResumeError) when no run has that key, or while its workspace is in use by a live process."""
     with _MOVING:
-        run = find_run(root, key)
+        run = find_run(root, key, check_config=False)  # a run this version cannot resume can still be discarded
         if run.live:
             raise ResumeError(LIVE_DISCARD)
         shutil.rmtree(resume_dir(run.output_dir), ignore_errors=True)
@@ -234,7 +244,7 @@ def settle(record: Path) -> bool:
     if not Path(record).is_dir():
         return False
     try:
-        if read_record(record).resumable:
+        if read_record(record, check_config=False).resumable:
             return True
     except ResumeError:
         pass

@@ -243,3 +243,24 @@ def test_describe_names_the_run_and_where_it_stopped_and_its_own_session_takes_i
     assert (resume_dir(output) / artifacts.RESUME_STATE_FILE).is_file()
     # A run that failed after a checkpoint is resumed in its own session: nothing moves.
     assert adopt_run(root, key, run.workspace) == run and resume_dir(output).is_dir()
+
+
+def test_a_record_this_version_cannot_read_is_one_sentence_and_can_be_discarded(tmp_path, tiny_base, images):
+    """Records outlive the server, and a restart is often a new version of the app: a setting it no longer has is
+    a refusal naming it, never an error from describing the run (the page describes it on every load)."""
+    root = tmp_path / "sessions"
+    owner = Workspace(root, "owner")
+    key = new_key()
+    output = interrupted_run(owner, key, tiny_config(tiny_base), images)
+    record = find_run(root, key).record
+    values = json.loads((record / "run.json").read_text())
+    values["config"]["retired_option"] = 1
+    (record / "run.json").write_text(json.dumps(values))
+    for action in (lambda: find_run(root, key).describe(), lambda: adopt_run(root, key, root / "owner")):
+        with pytest.raises(ResumeError, match=r"^This run was recorded by another version of this app .*"
+                                              r"retired_option.*\.$"):
+            action()
+    discard_run(root, key)
+    assert not record.exists() and not resume_dir(output).exists()
+    with pytest.raises(ResumeError, match=re.escape(UNKNOWN)):
+        find_run(root, key)
