@@ -15,6 +15,7 @@ holds (:meth:`Workspace.in_use`) is training: its run is not adopted, so no run 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,9 +48,11 @@ LIVE = "The session this run belongs to is training right now; resume the run on
 LIVE_DISCARD = "The session this run belongs to is training right now; discard the run once that training has stopped."
 NOT_STARTED = "This run stopped before its first checkpoint, so there is nothing to resume; start it again."
 
-# Finding a record, checking its workspace and moving it are one step for the threads of this process; a rename is
-# atomic, so another process that found the record too finds nothing to move.
-_MOVING = threading.Lock()
+CARRIED_PREFIX = "resume-state-"  # + pid: the trainer's state inside the record while the record moves it
+# Finding a record, checking its workspace and moving it are one step for the threads of this process (reentrant:
+# adopting and discarding find the run first); a rename is atomic, so another process that found the record too
+# finds nothing to move.
+_MOVING = threading.RLock()
 
 
 class ResumeError(ValueError):
@@ -192,11 +195,30 @@ def find_run(root: Path, key: str, *, check_config: bool = True) -> ResumableRun
     """The run recorded under ``key`` in any workspace of ``root``, or ResumeError (:data:`UNKNOWN`)."""
     name = f"{RECORD_PREFIX}{key_digest(key)}"
     root = Path(root)
-    for workspace in sorted(root.iterdir()) if root.is_dir() else []:
-        record = workspace / name
-        if record.is_dir() and not record.is_symlink():
-            return read_record(record, check_config=check_config)
+    with _MOVING:
+        for workspace in sorted(root.iterdir()) if root.is_dir() else []:
+            record = workspace / name
+            if record.is_dir() and not record.is_symlink():
+                _unpack(record, stale_only=True)
+                return read_record(record, check_config=check_config)
     raise ResumeError(UNKNOWN)
+
+
+def _unpack(record: Path, *, stale_only: bool) -> None:
+    """Put the trainer's state that ``record`` carries (see :func:`adopt_run`) back beside its run. ``stale_only``:
+    only a state whose mover is gone (a kill mid-move); called holding :data:`_MOVING`, so none of this process's
+    moves is under way, and this process's own PID (maybe the killed server's, reused) counts as gone."""
+    for carried in record.glob(f"{CARRIED_PREFIX}*"):
+        pid = carried.name.removeprefix(CARRIED_PREFIX)
+        if stale_only and pid.isdigit() and int(pid) != os.getpid() and artifacts.process_alive(int(pid)):
+            continue  # another server process is moving this run right now
+        try:
+            target = resume_dir(record.parent / read_record(record, check_config=False).run_name)
+        except ResumeError:
+            return
+        if not target.exists():
+            with contextlib.suppress(FileNotFoundError):  # another process put it back first
+                os.rename(carried, target)
 
 
 def adopt_run(root: Path, key: str, workspace: Path) -> ResumableRun:
@@ -218,12 +240,17 @@ def adopt_run(root: Path, key: str, workspace: Path) -> ResumableRun:
         target = workspace / run.run_name
         if target.exists() or resume_dir(target).exists():
             raise ResumeError(f"This session already holds a run named {run.run_name}.")
+        # The state rides inside the record, so one rename moves both: a kill between two moves of their own would
+        # leave the record here and its state there (found by find_run as a run with nothing to resume).
+        carried = run.record / f"{CARRIED_PREFIX}{os.getpid()}"
         try:
-            os.rename(run.record, workspace / run.record.name)
+            os.rename(resume_dir(run.output_dir), carried)
         except FileNotFoundError:  # another server process on the same folder took it first
             raise ResumeError(LIVE) from None
-        os.rename(resume_dir(run.output_dir), resume_dir(target))
-        return read_record(workspace / run.record.name)
+        moved = workspace / run.record.name
+        os.rename(run.record, moved)
+        _unpack(moved, stale_only=False)
+        return read_record(moved)
 
 
 def discard_run(root: Path, key: str) -> ResumableRun:

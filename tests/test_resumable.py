@@ -4,6 +4,7 @@ never interrupted (tiny pipeline, CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -264,3 +265,35 @@ def test_a_record_this_version_cannot_read_is_one_sentence_and_can_be_discarded(
     assert not record.exists() and not resume_dir(output).exists()
     with pytest.raises(ResumeError, match=re.escape(UNKNOWN)):
         find_run(root, key)
+
+
+class Killed(BaseException):
+    """The process killed at a file-system step: nothing after it runs, not even an except clause for Exception."""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+def test_a_server_killed_while_adopting_a_run_leaves_it_resumable(tmp_path, tiny_base, images, monkeypatch, kill_at):
+    """Adopting moves the record and the trainer's state: killed between two moves, the run must still be found
+    whole (not offered as "stopped before its first checkpoint" while its state sits in the other folder)."""
+    root = tmp_path / "sessions"
+    owner, first, second = Workspace(root, "owner"), Workspace(root, "first"), Workspace(root, "second")
+    key = new_key()
+    interrupted_run(owner, key, tiny_config(tiny_base), images)
+    renames = []
+
+    def rename(source, target, *args, **kwargs):
+        renames.append(source)
+        if len(renames) == kill_at:
+            raise Killed(f"killed at move {kill_at}")
+        return real_rename(source, target, *args, **kwargs)
+
+    real_rename = os.rename
+    with monkeypatch.context() as patch:  # the OS's rename, not this project's code
+        patch.setattr(os, "rename", rename)
+        patch.setattr(os, "replace", rename)
+        with first.in_use(), contextlib.suppress(Killed):  # past the last move: the adoption completed
+            adopt_run(root, key, first.folder)
+    with second.in_use():  # after the restart, the code is sent again
+        run = adopt_run(root, key, second.folder)
+    assert run.workspace == second.folder and run.resumable and run.stopped_at() == 5
+    assert not [path for path in root.rglob("*.resume") if path.parent != second.folder]
