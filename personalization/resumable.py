@@ -21,7 +21,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +179,9 @@ def read_record(record: Path, *, check_config: bool = True) -> ResumableRun:
         run = ResumableRun(record, run_name, dict(values["config"]), list(values["photos"]),
                            list(values.get("notes", [])))
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ResumeError(f"The record of this run cannot be read ({str(error)[:120]}).") from None
+        # An OSError's text names the file: the server's folders and the owner's session, not the caller's business.
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)[:120]
+        raise ResumeError(f"The record of this run cannot be read ({reason}).") from None
     if check_config:
         try:
             run.training_config()
@@ -260,9 +261,16 @@ def discard_run(root: Path, key: str) -> ResumableRun:
         run = find_run(root, key, check_config=False)  # a run this version cannot resume can still be discarded
         if run.live:
             raise ResumeError(LIVE_DISCARD)
-        shutil.rmtree(resume_dir(run.output_dir), ignore_errors=True)
-        shutil.rmtree(run.record, ignore_errors=True)
+        _remove(resume_dir(run.output_dir))
+        _remove(run.record)
         return run
+
+
+def _remove(folder: Path) -> None:
+    """Remove ``folder`` as one rename: a kill mid-removal leaves a hidden staging folder, which the workspace's
+    cleaning clears (artifacts.clean_stale_staging), never a half record whose code finds a run it cannot read."""
+    with artifacts.scratch_beside(folder) as trash, contextlib.suppress(FileNotFoundError):
+        os.rename(folder, trash / folder.name)
 
 
 def settle(record: Path) -> bool:
@@ -275,5 +283,5 @@ def settle(record: Path) -> bool:
             return True
     except ResumeError:
         pass
-    shutil.rmtree(record, ignore_errors=True)
+    _remove(record)
     return False

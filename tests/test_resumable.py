@@ -297,3 +297,38 @@ def test_a_server_killed_while_adopting_a_run_leaves_it_resumable(tmp_path, tiny
         run = adopt_run(root, key, second.folder)
     assert run.workspace == second.folder and run.resumable and run.stopped_at() == 5
     assert not [path for path in root.rglob("*.resume") if path.parent != second.folder]
+
+
+def test_a_server_killed_while_discarding_a_run_leaves_no_half_record(tmp_path, tiny_base, images, monkeypatch):
+    """Killed mid-removal (here right after the record's run.json went), the code must find nothing, not a record
+    it can neither read nor discard; what the kill left is cleared with the workspace's stale staging folders."""
+    root = tmp_path / "sessions"
+    owner = Workspace(root, "owner")
+    key = new_key()
+    interrupted_run(owner, key, tiny_config(tiny_base), images)
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if os.fspath(path).endswith("run.json"):
+            raise Killed("killed while removing the record")
+
+    with monkeypatch.context() as patch, contextlib.suppress(Killed):  # the OS's unlink, not this project's code
+        patch.setattr(os, "unlink", unlink)
+        discard_run(root, key)
+    with pytest.raises(ResumeError, match=re.escape(UNKNOWN)):
+        discard_run(root, key)
+    Workspace.clean_old(root)
+    assert sorted(p.name for p in owner.folder.iterdir()) == []
+
+
+def test_an_unreadable_record_does_not_name_server_paths(tmp_path, tiny_base, images):
+    root = tmp_path / "sessions"
+    owner = Workspace(root, "owner")
+    key = new_key()
+    record = record_run(owner.folder, key, tiny_config(tiny_base), images, owner.new_run_dir("run"))
+    (record / "run.json").unlink()
+    (record / "run.json").mkdir()
+    with pytest.raises(ResumeError, match=r"^The record of this run cannot be read") as refusal:
+        find_run(root, key)
+    assert str(tmp_path) not in str(refusal.value) and record.name not in str(refusal.value)
