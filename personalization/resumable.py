@@ -15,12 +15,12 @@ holds (:meth:`Workspace.in_use`) is training: its run is not adopted, so no run 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +47,11 @@ LIVE = "The session this run belongs to is training right now; resume the run on
 LIVE_DISCARD = "The session this run belongs to is training right now; discard the run once that training has stopped."
 NOT_STARTED = "This run stopped before its first checkpoint, so there is nothing to resume; start it again."
 
-# Finding a record, checking its workspace and moving it are one step for the threads of this process; a rename is
-# atomic, so another process that found the record too finds nothing to move.
-_MOVING = threading.Lock()
+CARRIED_PREFIX = "resume-state-"  # + pid: the trainer's state inside the record while the record moves it
+# Finding a record, checking its workspace and moving it are one step for the threads of this process (reentrant:
+# adopting and discarding find the run first); a rename is atomic, so another process that found the record too
+# finds nothing to move.
+_MOVING = threading.RLock()
 
 
 class ResumeError(ValueError):
@@ -166,27 +168,58 @@ def record_run(workspace: Path, key: str, config: TrainingConfig, images: Subjec
     return record
 
 
-def read_record(record: Path) -> ResumableRun:
+def read_record(record: Path, *, check_config: bool = True) -> ResumableRun:
+    """The run of ``record``, or ResumeError. ``check_config``: also refuse settings this version cannot train
+    (records outlive the server, and a restart is often a new version): describing or resuming the run needs them."""
     try:
         values = json.loads((record / RECORD_FILE).read_text(encoding="utf-8"))
         run_name = values["run"]
         if not isinstance(run_name, str) or run_name != Path(run_name).name or run_name.startswith("."):
             raise ValueError(f"not a run folder name: {run_name!r}")
-        return ResumableRun(record, run_name, dict(values["config"]), list(values["photos"]),
-                            list(values.get("notes", [])))
+        run = ResumableRun(record, run_name, dict(values["config"]), list(values["photos"]),
+                           list(values.get("notes", [])))
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ResumeError(f"The record of this run cannot be read ({str(error)[:120]}).") from None
+        # An OSError's text names the file: the server's folders and the owner's session, not the caller's business.
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)[:120]
+        raise ResumeError(f"The record of this run cannot be read ({reason}).") from None
+    if check_config:
+        try:
+            run.training_config()
+        except (ValueError, TypeError) as error:  # ConfigError: an unknown field, a method no longer offered
+            reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+            raise ResumeError(f"This run was recorded by another version of this app and cannot be resumed here "
+                              f"({reason}).") from None
+    return run
 
 
-def find_run(root: Path, key: str) -> ResumableRun:
+def find_run(root: Path, key: str, *, check_config: bool = True) -> ResumableRun:
     """The run recorded under ``key`` in any workspace of ``root``, or ResumeError (:data:`UNKNOWN`)."""
     name = f"{RECORD_PREFIX}{key_digest(key)}"
     root = Path(root)
-    for workspace in sorted(root.iterdir()) if root.is_dir() else []:
-        record = workspace / name
-        if record.is_dir() and not record.is_symlink():
-            return read_record(record)
+    with _MOVING:
+        for workspace in sorted(root.iterdir()) if root.is_dir() else []:
+            record = workspace / name
+            if record.is_dir() and not record.is_symlink():
+                _unpack(record, stale_only=True)
+                return read_record(record, check_config=check_config)
     raise ResumeError(UNKNOWN)
+
+
+def _unpack(record: Path, *, stale_only: bool) -> None:
+    """Put the trainer's state that ``record`` carries (see :func:`adopt_run`) back beside its run. ``stale_only``:
+    only a state whose mover is gone (a kill mid-move); called holding :data:`_MOVING`, so none of this process's
+    moves is under way, and this process's own PID (maybe the killed server's, reused) counts as gone."""
+    for carried in record.glob(f"{CARRIED_PREFIX}*"):
+        pid = carried.name.removeprefix(CARRIED_PREFIX)
+        if stale_only and pid.isdigit() and int(pid) != os.getpid() and artifacts.process_alive(int(pid)):
+            continue  # another server process is moving this run right now
+        try:
+            target = resume_dir(record.parent / read_record(record, check_config=False).run_name)
+        except ResumeError:
+            return
+        if not target.exists():
+            with contextlib.suppress(FileNotFoundError):  # another process put it back first
+                os.rename(carried, target)
 
 
 def adopt_run(root: Path, key: str, workspace: Path) -> ResumableRun:
@@ -208,24 +241,36 @@ def adopt_run(root: Path, key: str, workspace: Path) -> ResumableRun:
         target = workspace / run.run_name
         if target.exists() or resume_dir(target).exists():
             raise ResumeError(f"This session already holds a run named {run.run_name}.")
+        # The state rides inside the record, so one rename moves both: a kill between two moves of their own would
+        # leave the record here and its state there (found by find_run as a run with nothing to resume).
+        carried = run.record / f"{CARRIED_PREFIX}{os.getpid()}"
         try:
-            os.rename(run.record, workspace / run.record.name)
+            os.rename(resume_dir(run.output_dir), carried)
         except FileNotFoundError:  # another server process on the same folder took it first
             raise ResumeError(LIVE) from None
-        os.rename(resume_dir(run.output_dir), resume_dir(target))
-        return read_record(workspace / run.record.name)
+        moved = workspace / run.record.name
+        os.rename(run.record, moved)
+        _unpack(moved, stale_only=False)
+        return read_record(moved)
 
 
 def discard_run(root: Path, key: str) -> ResumableRun:
     """Remove the run recorded under ``key``: its checkpoints, its resume state and its record. Refused
     (ResumeError) when no run has that key, or while its workspace is in use by a live process."""
     with _MOVING:
-        run = find_run(root, key)
+        run = find_run(root, key, check_config=False)  # a run this version cannot resume can still be discarded
         if run.live:
             raise ResumeError(LIVE_DISCARD)
-        shutil.rmtree(resume_dir(run.output_dir), ignore_errors=True)
-        shutil.rmtree(run.record, ignore_errors=True)
+        _remove(resume_dir(run.output_dir))
+        _remove(run.record)
         return run
+
+
+def _remove(folder: Path) -> None:
+    """Remove ``folder`` as one rename: a kill mid-removal leaves a hidden staging folder, which the workspace's
+    cleaning clears (artifacts.clean_stale_staging), never a half record whose code finds a run it cannot read."""
+    with artifacts.scratch_beside(folder) as trash, contextlib.suppress(FileNotFoundError):
+        os.rename(folder, trash / folder.name)
 
 
 def settle(record: Path) -> bool:
@@ -234,9 +279,9 @@ def settle(record: Path) -> bool:
     if not Path(record).is_dir():
         return False
     try:
-        if read_record(record).resumable:
+        if read_record(record, check_config=False).resumable:
             return True
     except ResumeError:
         pass
-    shutil.rmtree(record, ignore_errors=True)
+    _remove(record)
     return False

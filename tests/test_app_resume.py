@@ -10,6 +10,7 @@ machine), which these tests do not need."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -37,7 +38,8 @@ from tests.test_app import free_port, upload
 from tests.test_browser import browser_page
 from tests.test_resumable import interrupted_run, tiny_config
 from tests.tiny_pipeline import TINY_RESOLUTION
-from ui.resume_panel import STORAGE_KEY
+from ui.fields import UserError
+from ui.resume_panel import STORAGE_KEY, look_up, restore
 
 REPO = Path(__file__).resolve().parent.parent
 # Two stage-1 steps to the first checkpoint, then thirty more: time to kill the server between the two.
@@ -203,3 +205,22 @@ def test_the_page_keeps_the_code_over_a_restart_and_offers_the_run(tiny_base: Pa
         page.get_by_role("tab", name="2 · Train").click()
         expect(page.locator("#start-training")).to_be_visible()
         expect(page.locator("#resume-note")).to_be_hidden()  # the panel stays closed
+
+
+def test_a_stored_code_whose_record_this_version_cannot_read_is_dropped_on_page_load(tiny_base: Path,
+                                                                                    tmp_path: Path) -> None:
+    """A restart is often a new version of the app: a run recorded with a setting it no longer has is not offered,
+    and the page load that finds it neither fails nor keeps the code (else every later load fails the same way)."""
+    root, key = tmp_path / "sessions", new_key()
+    photos = load_subject_images(make_subject_images(tmp_path / "photos", count=2), TINY_RESOLUTION)
+    interrupted_run(Workspace(root), key, tiny_config(tiny_base), photos)
+    [record] = root.glob(f"*/{RECORD_PREFIX}*")
+    values = json.loads((record / "run.json").read_text())
+    (record / "run.json").write_text(json.dumps({**values, "config": {**values["config"], "retired_option": 1}}))
+    services = app.Services(default_base=str(tiny_base), generator=Generator(torch.device("cpu"), torch.float32),
+                            hardware="CPU (test)", work_root=root)
+    panel, note, code, stored, tabs = restore(services, key)
+    assert stored is None, (panel, note, code, stored, tabs)
+    with pytest.raises(UserError) as refusal:
+        look_up(services, key)
+    assert refusal.value.message.startswith("This run was recorded by another version of this app"), refusal.value

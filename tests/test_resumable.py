@@ -4,6 +4,7 @@ never interrupted (tiny pipeline, CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -243,3 +244,91 @@ def test_describe_names_the_run_and_where_it_stopped_and_its_own_session_takes_i
     assert (resume_dir(output) / artifacts.RESUME_STATE_FILE).is_file()
     # A run that failed after a checkpoint is resumed in its own session: nothing moves.
     assert adopt_run(root, key, run.workspace) == run and resume_dir(output).is_dir()
+
+
+def test_a_record_this_version_cannot_read_is_one_sentence_and_can_be_discarded(tmp_path, tiny_base, images):
+    """Records outlive the server, and a restart is often a new version of the app: a setting it no longer has is
+    a refusal naming it, never an error from describing the run (the page describes it on every load)."""
+    root = tmp_path / "sessions"
+    owner = Workspace(root, "owner")
+    key = new_key()
+    output = interrupted_run(owner, key, tiny_config(tiny_base), images)
+    record = find_run(root, key).record
+    values = json.loads((record / "run.json").read_text())
+    values["config"]["retired_option"] = 1
+    (record / "run.json").write_text(json.dumps(values))
+    for action in (lambda: find_run(root, key).describe(), lambda: adopt_run(root, key, root / "owner")):
+        with pytest.raises(ResumeError, match=r"^This run was recorded by another version of this app .*"
+                                              r"retired_option.*\.$"):
+            action()
+    discard_run(root, key)
+    assert not record.exists() and not resume_dir(output).exists()
+    with pytest.raises(ResumeError, match=re.escape(UNKNOWN)):
+        find_run(root, key)
+
+
+class Killed(BaseException):
+    """The process killed at a file-system step: nothing after it runs, not even an except clause for Exception."""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+def test_a_server_killed_while_adopting_a_run_leaves_it_resumable(tmp_path, tiny_base, images, monkeypatch, kill_at):
+    """Adopting moves the record and the trainer's state: killed between two moves, the run must still be found
+    whole (not offered as "stopped before its first checkpoint" while its state sits in the other folder)."""
+    root = tmp_path / "sessions"
+    owner, first, second = Workspace(root, "owner"), Workspace(root, "first"), Workspace(root, "second")
+    key = new_key()
+    interrupted_run(owner, key, tiny_config(tiny_base), images)
+    renames = []
+
+    def rename(source, target, *args, **kwargs):
+        renames.append(source)
+        if len(renames) == kill_at:
+            raise Killed(f"killed at move {kill_at}")
+        return real_rename(source, target, *args, **kwargs)
+
+    real_rename = os.rename
+    with monkeypatch.context() as patch:  # the OS's rename, not this project's code
+        patch.setattr(os, "rename", rename)
+        patch.setattr(os, "replace", rename)
+        with first.in_use(), contextlib.suppress(Killed):  # past the last move: the adoption completed
+            adopt_run(root, key, first.folder)
+    with second.in_use():  # after the restart, the code is sent again
+        run = adopt_run(root, key, second.folder)
+    assert run.workspace == second.folder and run.resumable and run.stopped_at() == 5
+    assert not [path for path in root.rglob("*.resume") if path.parent != second.folder]
+
+
+def test_a_server_killed_while_discarding_a_run_leaves_no_half_record(tmp_path, tiny_base, images, monkeypatch):
+    """Killed mid-removal (here right after the record's run.json went), the code must find nothing, not a record
+    it can neither read nor discard; what the kill left is cleared with the workspace's stale staging folders."""
+    root = tmp_path / "sessions"
+    owner = Workspace(root, "owner")
+    key = new_key()
+    interrupted_run(owner, key, tiny_config(tiny_base), images)
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if os.fspath(path).endswith("run.json"):
+            raise Killed("killed while removing the record")
+
+    with monkeypatch.context() as patch, contextlib.suppress(Killed):  # the OS's unlink, not this project's code
+        patch.setattr(os, "unlink", unlink)
+        discard_run(root, key)
+    with pytest.raises(ResumeError, match=re.escape(UNKNOWN)):
+        discard_run(root, key)
+    Workspace.clean_old(root)
+    assert sorted(p.name for p in owner.folder.iterdir()) == []
+
+
+def test_an_unreadable_record_does_not_name_server_paths(tmp_path, tiny_base, images):
+    root = tmp_path / "sessions"
+    owner = Workspace(root, "owner")
+    key = new_key()
+    record = record_run(owner.folder, key, tiny_config(tiny_base), images, owner.new_run_dir("run"))
+    (record / "run.json").unlink()
+    (record / "run.json").mkdir()
+    with pytest.raises(ResumeError, match=r"^The record of this run cannot be read") as refusal:
+        find_run(root, key)
+    assert str(tmp_path) not in str(refusal.value) and record.name not in str(refusal.value)
