@@ -361,6 +361,8 @@ class TrainingConfig:
             if self.on_mini_world and spec.trains_unet:
                 # A 12.6 M-parameter U-Net needs far larger steps than SD-1.5's 860 M (measured on the mini world).
                 values["stage2_learning_rate"] = MINI_WORLD_UNET_LEARNING_RATES[values["stage2_mode"]]
+                if values["stage2_mode"] == "full" and defaults["mini_world_full_unet_learning_rate"] is not None:
+                    values["stage2_learning_rate"] = defaults["mini_world_full_unet_learning_rate"]
         values["class_noun"] = self.class_noun.strip().lower()
         if values["init_word"] is None:
             values["init_word"] = values["class_noun"].split()[-1]
