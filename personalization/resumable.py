@@ -266,6 +266,23 @@ def discard_run(root: Path, key: str) -> ResumableRun:
         return run
 
 
+def forget_earlier_runs(workspace: Path) -> int:
+    """Remove the records and resume states of the runs in ``workspace``, before a new run starts there; returns
+    how many. The page keeps one resume code per session, the newest run's, so only a client that kept older codes
+    could resume these; without this a session whose runs keep failing piles up states (a full SD-1.5 U-Net's is
+    about 10 GB) on a disk shared by strangers until the folder expires. The caller holds ``workspace``."""
+    removed = 0
+    with _MOVING:
+        for record in sorted(Path(workspace).glob(f"{RECORD_PREFIX}*")):
+            if not record.is_dir() or record.is_symlink():
+                continue
+            with contextlib.suppress(ResumeError):  # an unreadable record still goes
+                _remove(resume_dir(Path(workspace) / read_record(record, check_config=False).run_name))
+            _remove(record)
+            removed += 1
+    return removed
+
+
 def _remove(folder: Path) -> None:
     """Remove ``folder`` as one rename: a kill mid-removal leaves a hidden staging folder, which the workspace's
     cleaning clears (artifacts.clean_stale_staging), never a half record whose code finds a run it cannot read."""

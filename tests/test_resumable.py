@@ -31,6 +31,7 @@ from personalization.resumable import (
     check_key,
     discard_run,
     find_run,
+    forget_earlier_runs,
     key_digest,
     key_refusal,
     new_key,
@@ -204,6 +205,22 @@ def test_discard_removes_the_state_and_the_record_and_settle_keeps_a_resumable_r
     assert sorted(p.name for p in owner.folder.iterdir()) == []
     with pytest.raises(ResumeError, match=re.escape(UNKNOWN)):
         discard_run(root, key)
+
+
+def test_a_new_run_in_a_session_removes_its_earlier_runs_states_and_no_one_elses(tmp_path, tiny_base, images):
+    root = tmp_path / "sessions"
+    owner, other = Workspace(root, "owner"), Workspace(root, "other")
+    earlier, others = new_key(), new_key()
+    output = interrupted_run(owner, earlier, tiny_config(tiny_base), images)
+    interrupted_run(other, others, tiny_config(tiny_base), images)
+    (owner.folder / f"{RECORD_PREFIX}{'0' * 64}").mkdir()  # a damaged record goes too
+    assert resume_dir(output).is_dir()
+    assert forget_earlier_runs(owner.folder) == 2
+    assert not resume_dir(output).exists() and sorted(p.name for p in owner.folder.iterdir()) == []
+    with pytest.raises(ResumeError, match=re.escape(UNKNOWN)):
+        find_run(root, earlier)
+    assert find_run(root, others).resumable  # another session's run is untouched
+    assert forget_earlier_runs(owner.folder) == 0
 
 
 def test_a_resumable_run_is_kept_as_long_as_its_workspace_folder(tmp_path, tiny_base, images):

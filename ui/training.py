@@ -30,7 +30,16 @@ from personalization.jobs import (
     zero_gpu_seconds,
 )
 from personalization.progress import CancelFlag, ProgressEvent, format_seconds
-from personalization.resumable import ResumableRun, ResumeError, adopt_run, check_key, new_key, record_run, settle
+from personalization.resumable import (
+    ResumableRun,
+    ResumeError,
+    adopt_run,
+    check_key,
+    forget_earlier_runs,
+    new_key,
+    record_run,
+    settle,
+)
 from ui.fields import UserError
 from ui.services import Services, Session, for_display
 from ui.zerogpu import gpu
@@ -117,6 +126,7 @@ class TrainingRuns:
             return
         key = new_key()
         with session.workspace.in_use():
+            forget_earlier_runs(session.workspace.folder)  # the browser's code now becomes this run's
             record = record_run(session.workspace.folder, key, job.config, job.subject_images, job.output_dir)
             yield from self.follow(job, key)
         yield self.outcome(job, record, key)
