@@ -6,8 +6,10 @@ needs. Training, generation and Hub transfer live in the engine; nothing here to
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
+from collections.abc import Iterator
 from typing import Any
 
 # Library notices at import time (e.g. "requires torchvision, falling back") would bury the app's own messages.
@@ -99,6 +101,18 @@ def build_app(services: Services | None = None) -> gr.Blocks:
         # After a server restart: the run this browser was training, offered for resuming.
         demo.load(**train["restore"], api_visibility="undocumented").then(**train["forget"])
     return demo
+
+
+@contextlib.contextmanager
+def served_on_loopback(services: Services, port: int) -> Iterator[str]:
+    """The app served from this process on 127.0.0.1:``port`` (the tests, scripts/screenshots.py); yields its URL."""
+    demo = build_app(services)
+    demo.queue()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
 
 
 def main() -> None:

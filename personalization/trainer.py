@@ -53,6 +53,7 @@ from .progress import CancelFlag, EtaClock, ProgressCallback, ProgressEvent, Tra
 from .recipes import Recipe, StagePlan, recipe_for
 from .snapshots import (
     FULL_UNET_KEEP_ALL_BYTES,
+    Render,
     ResumeState,
     Scorer,
     Snapshotter,
@@ -602,10 +603,8 @@ def take_checkpoint(stage: StagePlan, ctx: StageContext, step: int, loss_value: 
     done = ctx.steps_before + step
     with _eval_mode(live[0].modules if live else []), torch.random.fork_rng(devices=[]):
         samples = _render_samples(comps, config, ctx.cancel)
-        steps = probe_steps(keeper.snapshotter.scorer, config)
         point = keeper.snapshotter.take(done, trained_weights(comps, config, ctx.trigger_id, stage), samples,
-                                        lambda prompts, seeds: render_batch(comps, config, prompts, seeds,
-                                                                            ctx.accelerator, steps=steps),
+                                        probe_renderer(comps, config, ctx.accelerator, keeper.snapshotter.scorer),
                                         keeper.training_seconds(started))
     state = ResumeState(keeper.fingerprint, done, point.training_s, torch.get_rng_state(),
                         trigger_rows(comps, ctx.trigger_id), loss=loss_value,
@@ -677,6 +676,13 @@ def probe_steps(scorer: Scorer | None, config: TrainingConfig) -> int:
     # A scorer without the attribute (one a benchmark wraps or writes itself) keeps the samples' steps.
     steps = getattr(scorer, "probe_steps", None)
     return min(steps, config.sample_steps) if steps else config.sample_steps
+
+
+def probe_renderer(comps: Components, config: TrainingConfig, accelerator: Accelerator,
+                   scorer: Scorer | None) -> Render:
+    """:func:`render_batch` at the scorer's probe steps (:func:`probe_steps`): what a scorer renders with."""
+    steps = probe_steps(scorer, config)
+    return lambda prompts, seeds: render_batch(comps, config, prompts, seeds, accelerator, steps=steps)
 
 
 @torch.no_grad()
@@ -971,9 +977,8 @@ def _run_stages(run: _Run, subject_latents: LatentCache, flip_offset: int | None
         # compile's warm-up. The warm-up happens in the first steps and is counted in the training time.
         run.components.unet.compile_repeated_blocks()
     if keeper is not None and keeper.snapshotter.scorer is not None:
-        steps = probe_steps(keeper.snapshotter.scorer, run.config)  # the base model's probes match the checkpoints'
-        keeper.snapshotter.scorer.prepare(lambda prompts, seeds: render_batch(run.components, run.config, prompts,
-                                                                              seeds, run.accelerator, steps=steps))
+        scorer = keeper.snapshotter.scorer  # the base model's probes render as the checkpoints' do
+        scorer.prepare(probe_renderer(run.components, run.config, run.accelerator, scorer))
     resumed = keeper.resumed if keeper else None
     summaries: list[StageSummary] = list(keeper.finished) if keeper else []
     if resumed is not None and resumed.trigger_rows and run.trigger_id is not None:

@@ -52,13 +52,8 @@ def serve(base: str, scratch: Path) -> Iterator[str]:
     hub.push_artifact = push_here
     services = app.Services(default_base=base, generator=Generator(torch.device("cpu"), torch.float32),
                             hardware=choose_placement(device="cpu").describe(), work_root=scratch / "sessions")
-    demo = app.build_app(services)
-    demo.queue()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH_OPTIONS)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with app.served_on_loopback(services, port) as url:
+        yield url
 
 
 def main(argv: list[str] | None = None) -> None:

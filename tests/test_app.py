@@ -68,15 +68,8 @@ def running_app(base: Path | str, root: Path) -> Iterator[Served]:
         patch.setenv("HF_ENDPOINT", fake.endpoint)  # personalization.hub reads it at call time
         services = app.Services(default_base=str(base), generator=Generator(torch.device("cpu"), torch.float32),
                                 hardware="CPU (test)", work_root=root / "sessions")
-        demo = app.build_app(services)
-        demo.queue()
-        port = free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                    **app.LAUNCH_OPTIONS)
-        try:
-            yield Served(f"http://127.0.0.1:{port}/", base, fake, root / "sessions")
-        finally:
-            demo.close()
+        with app.served_on_loopback(services, free_port()) as url:
+            yield Served(url, base, fake, root / "sessions")
 
 
 @pytest.fixture(scope="module")

@@ -150,13 +150,8 @@ def in_process_app(base: Path, root: Path, port: int) -> Iterator[str]:
     """The app served from this process on ``port``: the same port after a restart is the same site to a browser."""
     services = app.Services(default_base=str(base), generator=Generator(torch.device("cpu"), torch.float32),
                             hardware="CPU (test)", work_root=root)
-    demo = app.build_app(services)
-    demo.queue()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH_OPTIONS)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with app.served_on_loopback(services, port) as url:
+        yield url
 
 
 def test_the_page_keeps_the_code_over_a_restart_and_offers_the_run(tiny_base: Path, tmp_path: Path) -> None:
